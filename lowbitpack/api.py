@@ -62,6 +62,17 @@ def inspect(path: str | Path) -> dict[str, Any]:
     return inspect_path(path)
 
 
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check every file of an artifact against the sha256 recorded in its manifest; raises IntegrityError."""
+    from .artifact import MANIFEST, Artifact
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        art = Artifact.open(p, verify=True)
+        return {"path": str(p), "kind": "artifact", "files_checked": len(art.manifest["shards"]), "ok": True}
+    from .errors import InputError
+    raise InputError("nothing to verify: no lowbitpack manifest here", p, "pass an artifact or bundle directory")
+
+
 def default_model(refresh: bool = False) -> Path:
     """Path of the offline default model (SmolLM2-135M-Instruct, converted once from its Q4_1 GGUF)."""
     from .models import default_model_path

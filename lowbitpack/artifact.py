@@ -57,6 +57,7 @@ class ArtifactWriter:
         self.writer = ShardWriter(self.dir, SHARD_PREFIX, max_shard_bytes, metadata={"format": "pt",
                                                                                     "lowbitpack": str(FORMAT_VERSION)})
         self.tensors: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, str] = {}  # copied sidecar file -> sha256
         self.source_bytes = 0
 
     def add_quantized(self, name: str, qt: QuantizedTensor, sha256: str) -> None:
@@ -84,6 +85,7 @@ class ArtifactWriter:
         for f in SIDECAR_FILES:
             if (src_dir / f).is_file():
                 shutil.copy2(src_dir / f, self.dir / f)
+                self.files[f] = sha256_file(self.dir / f)
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         shards = self.writer.finish()
@@ -95,6 +97,7 @@ class ArtifactWriter:
             "source": self.source,
             "quantization": self.quantization,
             "shards": shards,
+            "files": self.files,
             "summary": summarize(self.tensors, shards),
             "tensors": self.tensors,
         }
@@ -166,6 +169,11 @@ class Artifact:
             if got != info["sha256"]:
                 raise IntegrityError(f"sha256 mismatch (manifest {info['sha256'][:12]}…, file {got[:12]}…)",
                                      self.path / shard, "the file was modified or corrupted; re-create the artifact")
+        for name, digest in self.manifest.get("files", {}).items():
+            f = self.path / name
+            if not f.is_file() or sha256_file(f) != digest:
+                raise IntegrityError("missing or modified (sha256 differs from the manifest)", f,
+                                     "restore the file or re-create the artifact")
 
     def _read(self, stored_names: list[str]) -> dict[str, torch.Tensor]:
         by_shard: dict[str, list[str]] = {}

@@ -126,6 +126,19 @@ def inspect(path, as_json, show_all):
         + f"  compression {tot['compression_ratio']:.2f}x")
 
 
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def verify(path, as_json):
+    """Check every file of an artifact or bundle against the hashes in its manifest."""
+    res = api.verify(path)
+    if as_json:
+        _print_json(res)
+    else:
+        console.print(f"[green]ok[/] {path}: {res['kind']}, {res['files_checked']} files match their sha256")
+
+
 @main.command("default-model")
 @click.option("--refresh", is_flag=True, help="Convert the GGUF again.")
 @handle_errors
