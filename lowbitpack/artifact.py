@@ -54,8 +54,7 @@ class ArtifactWriter:
         self.dir = Path(directory)
         self.source = source
         self.quantization = quantization
-        self.writer = ShardWriter(self.dir, SHARD_PREFIX, max_shard_bytes, metadata={"format": "pt",
-                                                                                    "lowbitpack": str(FORMAT_VERSION)})
+        self.writer = ShardWriter(self.dir, SHARD_PREFIX, max_shard_bytes)
         self.tensors: dict[str, dict[str, Any]] = {}
         self.files: dict[str, str] = {}  # copied sidecar file -> sha256
         self.source_bytes = 0

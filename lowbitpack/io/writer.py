@@ -18,6 +18,8 @@ class ShardWriter:
         self.dir = Path(directory)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
+        # safetensors writes metadata keys in hash order: more than one key makes shard bytes
+        # (and their sha256) differ from run to run, so keep a single key for reproducible artifacts.
         self.metadata = metadata or {"format": "pt"}
         self._buf: dict[str, torch.Tensor] = {}
         self._buf_bytes = 0
