@@ -167,3 +167,9 @@ def test_interrupted_run_leaves_nothing(tmp_path):
     assert not out.exists()
     lowbitpack.quantize(src, out, "int4", progress=False)
     Artifact.open(out, verify=True)
+
+
+def test_runs_are_byte_identical(tmp_path, tiny_llama):
+    a = lowbitpack.quantize(tiny_llama, tmp_path / "a", "int3", progress=False)
+    b = lowbitpack.quantize(tiny_llama, tmp_path / "b", "int3", progress=False)
+    assert a["shards"] == b["shards"]
