@@ -47,7 +47,15 @@ def quantize(
         raise OptionError(str(e), None, "see `lowbitpack quantize --help`") from None
     precomputed = None
     extra = None
-    if sch.needs_calibration:
+    if scheme == "lowra":
+        # Global two-pass flow: statistics of all layers -> one exact bit allocation -> packing.
+        from .flows.lowra import lowra_quantize
+        from .io.atomic import check_output
+        check_output(out, force)  # fail before minutes of calibration, not after
+        precomputed, extra = lowra_quantize(
+            src, sch, modules=modules, calib=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
+            device=device, show_progress=progress)
+    elif sch.needs_calibration:
         from .flows.calibrate import calibrated_quantize
         precomputed, extra = calibrated_quantize(
             src, sch, modules=modules, calib=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
@@ -77,3 +85,159 @@ def default_model(refresh: bool = False) -> Path:
     """Path of the offline default model (SmolLM2-135M-Instruct, converted once from its Q4_1 GGUF)."""
     from .models import default_model_path
     return default_model_path(refresh)
+
+
+def export(
+    path: str | Path,
+    out: str | Path,
+    format: str = "hf",
+    *,
+    force: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Export an artifact (or, for hf/gguf, a merged HF checkpoint) at `path` to `format` in `out`.
+
+    Formats: hf, bnb-nf4, bnb-int8, gptq, compressed-tensors, gguf. `options` go to the exporter, e.g.
+    `dtype` (hf), `gguf_type` / `embed_type` / `exact_from_intg` (gguf), `strict` / `scale_dtype`
+    (compressed-tensors). Returns the exporter's summary (exactness, files, sizes).
+    """
+    import inspect as _inspect
+
+    from .export import EXPORT_FORMATS, EXPORTERS
+    if format not in EXPORTERS:
+        raise OptionError(f"unknown export format {format!r}", None, f"choose one of {', '.join(EXPORT_FORMATS)}")
+    fn = EXPORTERS[format]
+    params = _inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in options if k not in params)
+        if unknown:
+            raise OptionError(f"option(s) {', '.join(unknown)} do not apply to --format {format}", None,
+                              "see `lowbitpack export --help`")
+    return fn(path, out, force=force, progress=progress, **options)
+
+
+def push(
+    path: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    license: str | None = None,
+    commit_message: str | None = None,
+    card: str = "auto",
+) -> dict[str, Any]:
+    """Upload `path` to the Hub model repo `repo_id` in one commit with a generated model card (README.md).
+
+    `card`: auto (keep a person's README.md, regenerate lowbitpack's), generate, keep. `dry_run=True` returns
+    the file list and the card without contacting the Hub. The token (or HF_TOKEN / the saved login) is never
+    printed or returned.
+    """
+    from .hub import push as _push
+    return _push(path, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
+                 endpoint=endpoint, license=license, commit_message=commit_message, card=card)
+
+
+def train(
+    packed: str | Path,
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    r: int = 16,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    use_rslora: bool = False,
+    lr: float = 2e-4,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    seed: int = 42,
+    device: str | None = None,
+    dtype: str | None = None,
+    cache_dense: bool | None = None,
+    force: bool = False,
+    progress: bool = True,
+    adapter: str = "lora",
+    qalora_group_size: int | None = None,
+    n_frequency: int | None = None,
+    scaling: float | None = None,
+    qwha_init: str = "error",
+    qwha_selection: str = "channel",
+    random_loc_seed: int = 777,
+    original: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA adapter on the packed artifact `packed` (QLoRA-style); write a PEFT adapter dir at `out`.
+
+    `adapter="qalora"`: QA-LoRA (PEFT use_qalora; pooling group `qalora_group_size`, default the base's group).
+    `adapter="qwha"`: QWHA (sparse Walsh–Hadamard spectrum, reference format): `n_frequency` per layer (default
+    r·(in+out), a LoRA-r-sized budget), `scaling` (default 3000), `qwha_init` "error" (cancel W − Q(W), reads the
+    `original` model, default the artifact's source) or "zeros", `qwha_selection` "channel" or "global".
+
+    `data`: plain text or JSONL with a `text` field (default: the offline KJV training split). Returns the
+    training record also written to OUT/lowbitpack_training.json (loss per step in OUT/train_log.jsonl).
+    """
+    if adapter == "qwha":
+        if dropout or use_rslora or alpha != 16 or qalora_group_size is not None:
+            raise OptionError("--alpha/--dropout/--rslora/--qalora-group-size do not apply to --adapter qwha", None,
+                              "set the adapter's strength with --scaling and its size with --r or --n-frequency")
+        from .adapters.qwha_train import DEFAULT_SCALING, train_qwha_adapter
+        return train_qwha_adapter(packed, out, data=data, n_frequency=n_frequency, r=r,
+                                  scaling=DEFAULT_SCALING if scaling is None else scaling,
+                                  random_loc_seed=random_loc_seed, init=qwha_init, selection=qwha_selection,
+                                  original=original, target_modules=target_modules, lr=lr, epochs=epochs,
+                                  max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                  device=device, dtype=dtype, cache_dense=cache_dense, force=force, progress=progress)
+    if n_frequency is not None or scaling is not None or original is not None:
+        raise OptionError("--n-frequency/--scaling/--original apply to --adapter qwha only", None,
+                          "drop them, or pass --adapter qwha")
+    from .train import train_adapter
+    return train_adapter(packed, out, data=data, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                         use_rslora=use_rslora, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                         seq_len=seq_len, seed=seed, device=device, dtype=dtype, cache_dense=cache_dense,
+                         force=force, progress=progress, adapter=adapter, qalora_group_size=qalora_group_size)
+
+
+def bundle(
+    adapter: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    trained_on: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Bundle the PEFT adapter dir `adapter` with the identity of `base` (the packed artifact it was trained on,
+    or the original checkpoint); returns the bundle manifest (OUT/lowbitpack_bundle.json)."""
+    from .bundle import create_bundle
+    return create_bundle(adapter, base, out, trained_on=trained_on, force=force)
+
+
+def merge(
+    bundle: str | Path,
+    out: str | Path,
+    *,
+    restore: int = 16,
+    original: str | Path | None = None,
+    fold: bool = False,
+    scheme: str | None = None,
+    format: str | None = None,
+    dtype: str | None = None,
+    group_size: int | None = None,
+    calib: str | Path | None = None,
+    allow_base_mismatch: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Post-LoRA Restoration: the bundle's base restored to `restore` bits from the original, plus the adapter.
+
+    16: merged full-precision HF checkpoint; 8/4/3/2: re-quantized original with the adapter beside it, or folded
+    in with `fold`. `format` hands the result to an exporter. Returns OUT/lowbitpack_merge.json's content.
+    """
+    from .restore import merge_bundle
+    return merge_bundle(bundle, out, restore=restore, original=original, fold=fold, scheme=scheme, fmt=format,
+                        dtype=dtype, group_size=group_size, calib=calib, allow_base_mismatch=allow_base_mismatch,
+                        force=force, progress=progress)

@@ -36,6 +36,23 @@ def last_path() -> dict[str, str]:
     return dict(_last_path)
 
 
+_cuda_autoload_done = False
+
+
+def _autoload_cuda() -> None:
+    """First CUDA dequantize: build/load the extension (lowbitpack.kernels.cuda_ext) and register its kernels.
+    Without a GPU, nvcc or a working build this registers nothing; cuda_ext.status() says why."""
+    global _cuda_autoload_done
+    if _cuda_autoload_done:
+        return
+    _cuda_autoload_done = True
+    try:
+        from . import cuda_ext
+        cuda_ext.register()
+    except Exception:  # the reference path must keep working whatever the toolchain does
+        pass
+
+
 def _on_cuda(qt: QuantizedTensor) -> bool:
     return any(t.is_cuda for t in qt.tensors.values())
 
@@ -43,9 +60,13 @@ def _on_cuda(qt: QuantizedTensor) -> bool:
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense weight of `qt` in `dtype` (default: the original dtype), on the device of its tensors."""
     dtype = dtype or qt.dtype
+    if _on_cuda(qt) and os.environ.get("LOWBITPACK_DISABLE_CUDA") != "1":
+        _autoload_cuda()
     if _on_cuda(qt) and qt.layout in _CUDA and os.environ.get("LOWBITPACK_DISABLE_CUDA") != "1":
-        _last_path[qt.layout] = "cuda"
-        return _CUDA[qt.layout](qt, dtype)
+        out = _CUDA[qt.layout](qt, dtype)
+        if out is not None:  # a CUDA dequantizer returns None for a tensor it cannot take
+            _last_path[qt.layout] = "cuda"
+            return out
     fn = reference(qt.layout)
     _last_path[qt.layout] = "torch"
     return fn(qt, dtype)

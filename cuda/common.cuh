@@ -1,0 +1,126 @@
+// Device helpers shared by the lowbitpack kernels: dtype conversion with explicit rounding, loads,
+// and the m16n8k16 tensor-core mma used by the fused GEMVs.
+//
+// Bit-exactness: the pure-torch references compute each weight in fp32 with separate multiply and add
+// (each rounded) and round once to the output dtype. nvcc contracts a*b+c into one FMA unless told
+// otherwise, so every multiply/add on the weight path goes through __fmul_rn / __fadd_rn / __fsub_rn,
+// which are never contracted.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "lowbit_kernels.h"
+
+namespace lowbit {
+
+// Load one element of a float tensor whose dtype is only known at run time (uniform branch).
+__device__ __forceinline__ float load_as_float(const void* base, int dtype, int64_t i) {
+  if (dtype == kF32) return __ldg(static_cast<const float*>(base) + i);
+  if (dtype == kF16) return __half2float(__ldg(static_cast<const __half*>(base) + i));
+  return __bfloat162float(__ldg(static_cast<const __nv_bfloat16*>(base) + i));
+}
+
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static __device__ __forceinline__ float from(float v) { return v; }
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+};
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  // Two floats -> packed pair, low half = first (round to nearest even, like torch's .to()).
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// Store 8 consecutive outputs; `vec` when the destination is 16-byte aligned.
+template <typename OutT>
+__device__ __forceinline__ void store8(OutT* dst, const float (&v)[8], bool vec, int valid) {
+  if (vec && valid == 8) {
+    if constexpr (sizeof(OutT) == 2) {
+      uint32_t w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        OutT lo = Cvt<OutT>::from(v[2 * i]);
+        OutT hi = Cvt<OutT>::from(v[2 * i + 1]);
+        w[i] = static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&lo)) |
+               (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < valid) dst[i] = Cvt<OutT>::from(v[i]);
+  }
+}
+
+// Exact int -> float for 0 <= q < 2^23 without the (slow) I2F unit: 2^23 + q has q in its mantissa.
+__device__ __forceinline__ float magic_u2f(uint32_t q) { return __uint_as_float(0x4B000000u | q); }
+constexpr float kMagic = 8388608.0f;  // 2^23
+
+// 16-byte read-only load that does not allocate in L1: weights are streamed once.
+__device__ __forceinline__ uint4 ldg_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// D = A(16x16, row) * B(16x8, col) + D, fp32 accumulate. Fragment ownership (PTX ISA, m16n8k16):
+// lane = 4*g + t; a0:(row g, k 2t..2t+1) a1:(g+8, 2t..) a2:(g, 2t+8..) a3:(g+8, 2t+8..);
+// b0:(k 2t..2t+1, n g) b1:(k 2t+8.., n g); c0,c1:(row g, n 2t, 2t+1) c2,c3:(row g+8, n 2t, 2t+1).
+template <typename XT>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(XT) == 2 && std::is_same<XT, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the fused GEMVs need sm_80+; the Python side never launches them below that
+#endif
+}
+
+__host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// log2(v) when v is a power of two, else -1 (kernels then divide).
+inline int log2_exact(int64_t v) {
+  if (v <= 0 || (v & (v - 1))) return -1;
+  int s = 0;
+  while ((int64_t(1) << s) < v) ++s;
+  return s;
+}
+
+inline int div_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+}  // namespace lowbit

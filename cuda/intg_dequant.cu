@@ -1,0 +1,131 @@
+// Layout intg-v1 (lowbitpack/layouts/intg.py): dequantize kernel.
+//
+// Reference arithmetic (fp32, then one rounding to the output dtype):
+//   zero mode:   w = (q - z) * s        offset mode:  w = q * s + m
+// q is the code (exact in fp32), z the uint8 zero, s / m the group's scale / offset read as fp32.
+
+#include "intg_common.cuh"
+
+namespace lowbit {
+namespace {
+using namespace intg;
+
+// ---------------------------------------------------------------- dequantize
+// One sub-chunk = 8 consecutive codes of one row = exactly B bytes. Each thread does 4 sub-chunks spaced
+// blockDim apart, so a warp's loads and 16-byte stores are contiguous.
+template <int B, bool OFFSET, typename OutT>
+__global__ void __launch_bounds__(256) intg_dequant_kernel(const IntgParams p, OutT* __restrict__ out,
+                                                           int64_t chunks_per_row, int64_t n_chunks,
+                                                           bool aligned_load, bool vec_store) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x * 4 + threadIdx.x;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t sc = base + static_cast<int64_t>(u) * blockDim.x;
+    if (sc >= n_chunks) break;
+    int64_t row, c;
+    if (n_chunks < (int64_t(1) << 31)) {  // 32-bit division is several times cheaper
+      row = static_cast<uint32_t>(sc) / static_cast<uint32_t>(chunks_per_row);
+      c = static_cast<uint32_t>(sc) - static_cast<uint32_t>(row) * static_cast<uint32_t>(chunks_per_row);
+    } else {
+      row = sc / chunks_per_row;
+      c = sc - row * chunks_per_row;
+    }
+    const int64_t col0 = c * 8;
+    const int valid = static_cast<int>(imin64(8, p.cols - col0));
+    const uint8_t* ptr = p.qweight + row * p.row_bytes + c * B;
+    const int nbytes = static_cast<int>(imin64(B, p.row_bytes - c * B));
+    uint64_t raw = 0;
+    if (aligned_load && nbytes == B) {
+      if constexpr (B == 8) raw = __ldg(reinterpret_cast<const unsigned long long*>(ptr));
+      else if constexpr (B == 4) raw = __ldg(reinterpret_cast<const unsigned int*>(ptr));
+      else if constexpr (B == 2) raw = __ldg(reinterpret_cast<const unsigned short*>(ptr));
+      else if constexpr (B == 1) raw = __ldg(ptr);
+      else {
+#pragma unroll
+        for (int i = 0; i < B; ++i) raw |= static_cast<uint64_t>(__ldg(ptr + i)) << (8 * i);
+      }
+    } else {
+      for (int i = 0; i < nbytes; ++i) raw |= static_cast<uint64_t>(__ldg(ptr + i)) << (8 * i);
+    }
+
+    float v[8];
+    if (!p.g_idx && p.group_size >= 8) {
+      // 8 consecutive columns span at most two groups.
+      const int64_t g0 = col0 / p.group_size;
+      const int64_t boundary = (g0 + 1) * p.group_size;
+      float s0, z0, s1 = 0.f, z1 = 0.f;
+      group_params<OFFSET>(p, row, g0, s0, z0);
+      if (col0 + valid > boundary) group_params<OFFSET>(p, row, g0 + 1, s1, z1);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const uint32_t q = static_cast<uint32_t>(raw >> (k * B)) & ((1u << B) - 1u);
+        const bool second = col0 + k >= boundary;
+        v[k] = dequant_one<OFFSET>(q, second ? s1 : s0, second ? z1 : z0);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        v[k] = 0.f;
+        if (k < valid) {
+          float s, z;
+          group_params<OFFSET>(p, row, group_of(p, col0 + k), s, z);
+          v[k] = dequant_one<OFFSET>(static_cast<uint32_t>(raw >> (k * B)) & ((1u << B) - 1u), s, z);
+        }
+      }
+    }
+    store8<OutT>(out + row * p.cols + col0, v, vec_store, valid);
+  }
+}
+
+template <int B, bool OFFSET>
+cudaError_t dequant_b(const IntgParams& p, void* out, int out_dtype, cudaStream_t stream) {
+  const int64_t cpr = (p.cols + 7) / 8;
+  const int64_t n_chunks = cpr * p.rows;
+  if (n_chunks == 0) return cudaSuccess;
+  // u32/u64/u16 loads need every sub-chunk start aligned: row_bytes a multiple of B (cols % 8 == 0).
+  const bool aligned_load = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(p.qweight) % 8 == 0);
+  const bool vec_store = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  const int threads = 256;
+  const int64_t grid = (n_chunks + threads * 4 - 1) / (threads * 4);
+  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  switch (out_dtype) {
+    case kF32:
+      intg_dequant_kernel<B, OFFSET, float><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          p, static_cast<float*>(out), cpr, n_chunks, aligned_load, vec_store);
+      break;
+    case kF16:
+      intg_dequant_kernel<B, OFFSET, __half><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          p, static_cast<__half*>(out), cpr, n_chunks, aligned_load, vec_store);
+      break;
+    case kBF16:
+      intg_dequant_kernel<B, OFFSET, __nv_bfloat16><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          p, static_cast<__nv_bfloat16*>(out), cpr, n_chunks, aligned_load, vec_store);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <int B>
+cudaError_t dequant_bits(const IntgParams& p, void* out, int out_dtype, cudaStream_t stream) {
+  return p.offset ? dequant_b<B, true>(p, out, out_dtype, stream) : dequant_b<B, false>(p, out, out_dtype, stream);
+}
+
+}  // namespace
+
+cudaError_t intg_dequant(const IntgParams& p, void* out, int out_dtype, cudaStream_t stream) {
+  switch (p.bits) {
+    case 1: return dequant_bits<1>(p, out, out_dtype, stream);
+    case 2: return dequant_bits<2>(p, out, out_dtype, stream);
+    case 3: return dequant_bits<3>(p, out, out_dtype, stream);
+    case 4: return dequant_bits<4>(p, out, out_dtype, stream);
+    case 5: return dequant_bits<5>(p, out, out_dtype, stream);
+    case 6: return dequant_bits<6>(p, out, out_dtype, stream);
+    case 7: return dequant_bits<7>(p, out, out_dtype, stream);
+    case 8: return dequant_bits<8>(p, out, out_dtype, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,195 @@
+// Layout lowra-v1 (lowbitpack/layouts/lowra.py): per-row width 1, 2 or 4 bits with a per-row fp16
+// codebook. Rows are stored grouped by width (three dense matrices), so every kernel tile decodes one
+// uniform width; rows_map scatters results back to the original row order.
+//
+// Reference arithmetic: w = float(codebook[row, code]) (exact), rounded once to the output dtype.
+#include "gemv_core.cuh"
+
+namespace lowbit {
+namespace {
+
+__device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+// Code of (class row i, col) read byte by byte.
+template <int B>
+__device__ __forceinline__ uint32_t lowra_code(const LowraClass& c, int64_t row_bytes, int64_t i, int64_t col) {
+  const int64_t bit = col * B;  // B divides 8: a code never straddles bytes
+  return (static_cast<uint32_t>(__ldg(c.codes + i * row_bytes + (bit >> 3))) >> (bit & 7)) & ((1u << B) - 1u);
+}
+
+// ---------------------------------------------------------------- dequantize
+// Sub-chunks of 8 codes (B bytes) over the three classes back to back; a thread's class is uniform
+// except at the two class boundaries.
+template <int B, typename OutT>
+__device__ __forceinline__ void lowra_subchunk(const LowraClass& c, int64_t cols, int64_t sc, OutT* __restrict__ out,
+                                               bool vec_store) {
+  const int64_t cpr = (cols + 7) / 8;
+  const int64_t i = sc / cpr, ch = sc - i * cpr;
+  const int64_t col0 = ch * 8;
+  const int64_t row_bytes = (cols * B + 7) / 8;
+  const int valid = static_cast<int>(imin64(8, cols - col0));
+  const uint8_t* ptr = c.codes + i * row_bytes + ch * B;
+  const int nbytes = static_cast<int>(imin64(B, row_bytes - ch * B));
+  uint32_t raw = 0;
+  for (int k = 0; k < nbytes; ++k) raw |= static_cast<uint32_t>(__ldg(ptr + k)) << (8 * k);
+  const uint16_t* cb = c.codebook + i * (1 << B);
+  float v[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = half_bits_to_float(__ldg(cb + ((raw >> (k * B)) & ((1u << B) - 1u))));
+  store8<OutT>(out + static_cast<int64_t>(__ldg(c.rows_map + i)) * cols + col0, v, vec_store, valid);
+}
+
+template <typename OutT>
+__global__ void __launch_bounds__(256) lowra_dequant_kernel(const LowraParams p, OutT* __restrict__ out,
+                                                            int64_t n1, int64_t n2, int64_t n4, bool vec_store) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x * 4 + threadIdx.x;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    int64_t sc = base + static_cast<int64_t>(u) * blockDim.x;
+    if (sc < n1) { lowra_subchunk<1>(p.cls[0], p.cols, sc, out, vec_store); continue; }
+    sc -= n1;
+    if (sc < n2) { lowra_subchunk<2>(p.cls[1], p.cols, sc, out, vec_store); continue; }
+    sc -= n2;
+    if (sc < n4) lowra_subchunk<4>(p.cls[2], p.cols, sc, out, vec_store);
+  }
+}
+
+// ---------------------------------------------------------------- GEMV decoder
+template <int B>
+struct LowraDecoder {
+  static constexpr int kWords = B;              // 32 codes of B bits
+  static constexpr int kStride = (1 << B) + 1;  // codebook row stride in shared memory (+1: fewer bank conflicts)
+  static constexpr int kSmemFloats = 16 * kStride;
+  LowraClass c;
+  int64_t all_rows, ncols, row_bytes;
+  bool aligned;
+
+  struct Raw { uint32_t w[B]; };
+  struct State { const float* lut; };
+
+  // The tile's 16 codebooks into shared memory (rows past the end clamp, like the kernel's row loads).
+  __device__ __forceinline__ void prologue(float* smem, int64_t tile) const {
+    for (int i = threadIdx.x; i < 16 * (1 << B); i += blockDim.x) {
+      const int r = i >> B, q = i & ((1 << B) - 1);
+      const int64_t row = imin64(tile * 16 + r, c.n - 1);
+      smem[r * kStride + q] = half_bits_to_float(__ldg(c.codebook + row * (1 << B) + q));
+    }
+  }
+  __host__ __device__ __forceinline__ int64_t rows() const { return c.n; }
+  __host__ __device__ __forceinline__ int64_t cols() const { return ncols; }
+  __device__ __forceinline__ int64_t out_rows() const { return all_rows; }
+  __device__ __forceinline__ int64_t out_row(int64_t r) const { return __ldg(c.rows_map + r); }
+  __device__ __forceinline__ bool fast_ok(int64_t col_end) const { return aligned && col_end <= ncols; }
+
+  __device__ __forceinline__ void fetch(int64_t row, int64_t col0, Raw& r) const {
+    uint32_t (&w)[B] = r.w;
+    const uint8_t* ptr = c.codes + row * row_bytes + (col0 >> 3) * B;
+    if constexpr (B == 4) {
+      uint4 v = ldg_stream16(ptr);
+      w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else if constexpr (B == 2) {
+      uint2 v = __ldg(reinterpret_cast<const uint2*>(ptr));
+      w[0] = v.x; w[1] = v.y;
+    } else {
+      w[0] = __ldg(reinterpret_cast<const uint32_t*>(ptr));
+    }
+  }
+
+  // Rows are clamped to n - 1 by the core; row % 16 is then still the smem slot the prologue filled.
+  __device__ __forceinline__ State state(const Raw&, int64_t row, int64_t, const float* smem) const {
+    return State{smem + (row & 15) * kStride};
+  }
+
+  __device__ __forceinline__ void decode4(const uint32_t (&w)[B], const State& st, int j, int64_t, int64_t,
+                                          const float*, float (&out)[4]) const {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int cc = 4 * j + k;
+      const int bit = cc * B;  // B divides 32: a code never straddles words
+      out[k] = st.lut[(w[bit >> 5] >> (bit & 31)) & ((1u << B) - 1u)];
+    }
+  }
+
+  __device__ __forceinline__ float value_slow(int64_t row, int64_t col, const float* smem) const {
+    return smem[(row & 15) * kStride + lowra_code<B>(c, row_bytes, row, col)];
+  }
+};
+
+template <typename XT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 2) lowra_gemv_kernel(const LowraDecoder<1> d1, const LowraDecoder<2> d2,
+                                                                const LowraDecoder<4> d4, const XT* __restrict__ x,
+                                                                int m, XT* __restrict__ y, bool x_vec) {
+  __shared__ float red[WARPS][16][9];
+  static_assert(LowraDecoder<1>::kSmemFloats <= LowraDecoder<4>::kSmemFloats &&
+                LowraDecoder<2>::kSmemFloats <= LowraDecoder<4>::kSmemFloats, "one LUT buffer serves all widths");
+  __shared__ float lut[LowraDecoder<4>::kSmemFloats];
+  const int64_t t1 = (d1.c.n + 15) / 16, t2 = (d2.c.n + 15) / 16;
+  const int64_t tile = blockIdx.x;  // block-uniform branch: each block is one tile of one width class
+  if (tile < t1) gemv_tile<LowraDecoder<1>, XT, WARPS>(d1, x, m, y, x_vec, tile, red, lut);
+  else if (tile < t1 + t2) gemv_tile<LowraDecoder<2>, XT, WARPS>(d2, x, m, y, x_vec, tile - t1, red, lut);
+  else gemv_tile<LowraDecoder<4>, XT, WARPS>(d4, x, m, y, x_vec, tile - t1 - t2, red, lut);
+}
+
+template <int B>
+LowraDecoder<B> make_decoder(const LowraParams& p, int idx) {
+  LowraDecoder<B> d;
+  d.c = p.cls[idx];
+  d.all_rows = p.rows;
+  d.ncols = p.cols;
+  d.row_bytes = (p.cols * B + 7) / 8;
+  d.aligned = (p.cols % 32 == 0) && (reinterpret_cast<uintptr_t>(d.c.codes) % 16 == 0);
+  return d;
+}
+
+}  // namespace
+
+cudaError_t lowra_dequant(const LowraParams& p, void* out, int out_dtype, cudaStream_t stream) {
+  const int64_t cpr = (p.cols + 7) / 8;
+  const int64_t n1 = p.cls[0].n * cpr, n2 = p.cls[1].n * cpr, n4 = p.cls[2].n * cpr;
+  const int64_t total = n1 + n2 + n4;
+  if (total == 0) return cudaSuccess;
+  const bool vec_store = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  const int threads = 256;
+  const int64_t grid = (total + threads * 4 - 1) / (threads * 4);
+  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const unsigned g = static_cast<unsigned>(grid);
+  switch (out_dtype) {
+    case kF32:
+      lowra_dequant_kernel<float><<<g, threads, 0, stream>>>(p, static_cast<float*>(out), n1, n2, n4, vec_store);
+      break;
+    case kF16:
+      lowra_dequant_kernel<__half><<<g, threads, 0, stream>>>(p, static_cast<__half*>(out), n1, n2, n4, vec_store);
+      break;
+    case kBF16:
+      lowra_dequant_kernel<__nv_bfloat16><<<g, threads, 0, stream>>>(p, static_cast<__nv_bfloat16*>(out), n1, n2, n4,
+                                                                     vec_store);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t lowra_gemv(const LowraParams& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream) {
+  if (m < 1 || m > 8) return cudaErrorInvalidValue;
+  constexpr int kWarps = 8;
+  const auto d1 = make_decoder<1>(p, 0);
+  const auto d2 = make_decoder<2>(p, 1);
+  const auto d4 = make_decoder<4>(p, 2);
+  const int64_t tiles = (p.cls[0].n + 15) / 16 + (p.cls[1].n + 15) / 16 + (p.cls[2].n + 15) / 16;
+  if (tiles == 0) return cudaSuccess;
+  const bool x_vec = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  const unsigned g = static_cast<unsigned>(tiles);
+  if (x_dtype == kBF16) {
+    lowra_gemv_kernel<__nv_bfloat16, kWarps><<<g, kWarps * 32, 0, stream>>>(
+        d1, d2, d4, static_cast<const __nv_bfloat16*>(x), static_cast<int>(m), static_cast<__nv_bfloat16*>(y), x_vec);
+  } else if (x_dtype == kF16) {
+    lowra_gemv_kernel<__half, kWarps><<<g, kWarps * 32, 0, stream>>>(
+        d1, d2, d4, static_cast<const __half*>(x), static_cast<int>(m), static_cast<__half*>(y), x_vec);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lowbit

@@ -1,0 +1,185 @@
+// Layout nf4-bnb-v1: bitsandbytes' NF4 bytes (two codes a byte, high nibble = even element, flat over
+// the row-major tensor), absmax per block of `blocksize`, optionally double-quantized.
+//
+// Reference arithmetic (bitsandbytes, and lowbitpack/layouts/nf4.py), all fp32:
+//   absmax[b] = nested_map[absmax_code[b]] * nested_absmax[b / nested_blocksize] + offset
+//   w[i]      = quant_map[code_i] * absmax[i / blocksize], rounded once to the output dtype.
+#include "gemv_core.cuh"
+
+namespace lowbit {
+namespace {
+
+__device__ __forceinline__ float block_absmax(const Nf4Params& p, int64_t b) {
+  if (p.absmax) return __ldg(p.absmax + b);
+  const float code = __ldg(p.nested_map + __ldg(p.absmax_code + b));
+  return __fadd_rn(__fmul_rn(code, __ldg(p.nested_absmax + b / p.nested_blocksize)), p.offset);
+}
+
+// ---------------------------------------------------------------- dequantize
+// One sub-chunk = 16 codes = 8 bytes (one 8-byte load, two 16-byte stores for 16-bit outputs); each thread
+// does 4 sub-chunks spaced blockDim apart, all loads issued before any use. blocksize is a multiple of 16
+// (bitsandbytes allows 32..4096), so a sub-chunk has one absmax. Both code tables sit in shared memory so
+// the absmax chain (code -> nested map -> multiply) costs one global latency, not two.
+template <typename OutT>
+__global__ void __launch_bounds__(256) nf4_dequant_kernel(const Nf4Params p, OutT* __restrict__ out,
+                                                          int64_t numel, bool vec_store) {
+  __shared__ float lut[16 + 256];
+  for (int i = threadIdx.x; i < 16 + 256; i += blockDim.x) {
+    if (i < 16) lut[i] = p.quant_map[i];
+    else if (p.nested_map) lut[i] = p.nested_map[i - 16];
+  }
+  __syncthreads();
+  const int64_t n_chunks = (numel + 15) / 16;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x * 4 + threadIdx.x;
+  uint2 raw[4];
+  uint32_t code[4];
+  float scale[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t sc = base + static_cast<int64_t>(u) * blockDim.x;
+    raw[u] = make_uint2(0u, 0u);
+    code[u] = 0u;
+    scale[u] = 0.f;
+    if (sc < n_chunks) {
+      if (sc * 16 + 16 <= numel) {
+        raw[u] = __ldg(reinterpret_cast<const uint2*>(p.packed) + sc);
+      } else {
+        const int nbytes = static_cast<int>((numel - sc * 16 + 1) / 2);
+        uint64_t v = 0;
+        for (int i = 0; i < nbytes; ++i) v |= static_cast<uint64_t>(__ldg(p.packed + sc * 8 + i)) << (8 * i);
+        raw[u] = make_uint2(static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32));
+      }
+      const int64_t b = (sc * 16) / p.blocksize;
+      if (p.absmax) {
+        scale[u] = __ldg(p.absmax + b);
+      } else {
+        code[u] = __ldg(p.absmax_code + b);
+        scale[u] = __ldg(p.nested_absmax + b / p.nested_blocksize);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t sc = base + static_cast<int64_t>(u) * blockDim.x;
+    if (sc >= n_chunks) break;
+    const float am = p.absmax ? scale[u] : __fadd_rn(__fmul_rn(lut[16 + code[u]], scale[u]), p.offset);
+    const int valid = static_cast<int>(imin64(16, numel - sc * 16));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t word = h ? raw[u].y : raw[u].x;
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t byte = (word >> (8 * i)) & 0xFFu;
+        v[2 * i] = __fmul_rn(lut[byte >> 4], am);
+        v[2 * i + 1] = __fmul_rn(lut[byte & 15u], am);
+      }
+      if (valid > 8 * h) store8<OutT>(out + sc * 16 + 8 * h, v, vec_store, valid - 8 * h > 8 ? 8 : valid - 8 * h);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- GEMV decoder
+struct Nf4Decoder {
+  static constexpr int kWords = 4;                // 32 codes = 16 bytes
+  static constexpr int kSmemFloats = 16 + 256;    // quant_map, nested map
+  Nf4Params p;
+  bool aligned;  // cols % 32 == 0, blocksize % 32 == 0, 16-byte aligned base: whole aligned chunks, one absmax
+  int bs_shift, nbs_shift;  // log2 of the block sizes, -1 when not a power of two
+
+  struct Raw { uint32_t w[4]; uint32_t code; float scale; };  // scale: nested absmax, or the fp32 absmax
+  struct State { float am; };
+
+  __device__ __forceinline__ void prologue(float* smem, int64_t) const {
+    for (int i = threadIdx.x; i < 16 + 256; i += blockDim.x) {
+      if (i < 16) smem[i] = p.quant_map[i];
+      else if (p.nested_map) smem[i] = p.nested_map[i - 16];
+    }
+  }
+  __host__ __device__ __forceinline__ int64_t rows() const { return p.rows; }
+  __host__ __device__ __forceinline__ int64_t cols() const { return p.cols; }
+  __device__ __forceinline__ int64_t out_rows() const { return p.rows; }
+  __device__ __forceinline__ int64_t out_row(int64_t r) const { return r; }
+  __device__ __forceinline__ bool fast_ok(int64_t col_end) const { return aligned && col_end <= p.cols; }
+
+  __device__ __forceinline__ void fetch(int64_t row, int64_t col0, Raw& r) const {
+    const int64_t idx = row * p.cols + col0;
+    uint4 v = ldg_stream16(p.packed + (idx >> 1));
+    r.w[0] = v.x; r.w[1] = v.y; r.w[2] = v.z; r.w[3] = v.w;
+    const int64_t b = bs_shift >= 0 ? (idx >> bs_shift) : idx / p.blocksize;
+    if (p.absmax) {
+      r.scale = __ldg(p.absmax + b);
+      r.code = 0;
+    } else {
+      r.code = __ldg(p.absmax_code + b);
+      r.scale = __ldg(p.nested_absmax + (nbs_shift >= 0 ? (b >> nbs_shift) : b / p.nested_blocksize));
+    }
+  }
+
+  __device__ __forceinline__ State state(const Raw& r, int64_t, int64_t, const float* smem) const {
+    if (p.absmax) return State{r.scale};
+    return State{__fadd_rn(__fmul_rn(smem[16 + r.code], r.scale), p.offset)};
+  }
+
+  __device__ __forceinline__ void decode4(const uint32_t (&w)[4], const State& st, int j, int64_t, int64_t,
+                                          const float* lut, float (&out)[4]) const {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int c = 4 * j + k;
+      // byte c/2 of the chunk; even element in the high nibble.
+      const int shift = 8 * ((c >> 1) & 3) + ((c & 1) ? 0 : 4);
+      out[k] = __fmul_rn(lut[(w[c >> 3] >> shift) & 15u], st.am);
+    }
+  }
+
+  __device__ __forceinline__ float value_slow(int64_t row, int64_t col, const float* lut) const {
+    const int64_t idx = row * p.cols + col;
+    const uint32_t byte = __ldg(p.packed + (idx >> 1));
+    const uint32_t q = (idx & 1) ? (byte & 15u) : (byte >> 4);
+    return __fmul_rn(lut[q], block_absmax(p, idx / p.blocksize));
+  }
+};
+
+}  // namespace
+
+cudaError_t nf4_dequant(const Nf4Params& p, void* out, int out_dtype, cudaStream_t stream) {
+  if (p.blocksize % 16 != 0) return cudaErrorInvalidValue;
+  const int64_t numel = p.rows * p.cols;
+  const int64_t n_chunks = (numel + 15) / 16;
+  if (n_chunks == 0) return cudaSuccess;
+  const bool vec_store = reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  if (reinterpret_cast<uintptr_t>(p.packed) % 8 != 0) return cudaErrorMisalignedAddress;
+  const int threads = 256;
+  const int64_t grid = (n_chunks + threads * 4 - 1) / (threads * 4);
+  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  switch (out_dtype) {
+    case kF32:
+      nf4_dequant_kernel<float><<<static_cast<unsigned>(grid), threads, 0, stream>>>(p, static_cast<float*>(out),
+                                                                                   numel, vec_store);
+      break;
+    case kF16:
+      nf4_dequant_kernel<__half><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          p, static_cast<__half*>(out), numel, vec_store);
+      break;
+    case kBF16:
+      nf4_dequant_kernel<__nv_bfloat16><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          p, static_cast<__nv_bfloat16*>(out), numel, vec_store);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t nf4_gemv(const Nf4Params& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream) {
+  if (m < 1 || m > 8) return cudaErrorInvalidValue;
+  Nf4Decoder dec;
+  dec.p = p;
+  dec.aligned = (p.cols % 32 == 0) && (p.blocksize % 32 == 0) && (reinterpret_cast<uintptr_t>(p.packed) % 16 == 0);
+  dec.bs_shift = log2_exact(p.blocksize);
+  dec.nbs_shift = log2_exact(p.nested_blocksize);
+  const bool x_vec = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  return launch_gemv(dec, x, m, x_dtype, y, x_vec, stream);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,1 @@
+"""Importers: checkpoints quantized by other tools -> lowbitpack artifacts with the same codes."""

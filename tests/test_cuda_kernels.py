@@ -1,0 +1,326 @@
+"""CUDA kernels vs the pure-torch references (device machine only; skipped without a GPU).
+
+Dequantization must match the reference bit for bit for every layout, bit width, output dtype and odd
+shape. The fused GEMV must match dequantize(W, x.dtype) @ x^T up to fp32 accumulation order (checked
+against a float64 product of the reference's rounded weights). Only lowbitpack.kernels / layouts /
+qtensor are imported, so this runs wherever torch runs.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowbitpack.kernels import cuda_ext, dispatch
+from lowbitpack.kernels.gemv import last_gemv_path, lowbit_matmul
+from lowbitpack.layouts.intg import LAYOUT as INTG, dequantize_qt as intg_reference, pack_intg
+from lowbitpack.qtensor import QuantizedTensor
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ext():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    e = cuda_ext.load(verbose=False)
+    # On a GPU machine a build failure is a failure, not a skip: the fallback would hide it.
+    assert e is not None, f"CUDA extension unavailable: {cuda_ext.status()['reason']}"
+    return e
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bit pattern (so -0.0 vs 0.0 or NaN payloads would count)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    return torch.equal(a.cpu().view(view), b.cpu().view(view))
+
+
+def make_intg(rows: int, cols: int, bits: int, group: int, *, mode: str = "zero", scale_dtype=torch.float16,
+              g_idx: bool = False, seed: int = 0, zero_max: int = 256, scale_exp: tuple[int, int] = (-8, 2)
+              ) -> QuantizedTensor:
+    """A random intg-v1 tensor on the CPU: codes, scales, zeros/offsets all random (full ranges by default;
+    GEMV tests narrow zeros and scales so fp16 outputs stay finite)."""
+    g = torch.Generator().manual_seed(seed)
+    n_groups = math.ceil(cols / group)
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g, dtype=torch.int32).to(torch.uint8)
+    # Scales spread over several binades so rounding differences would show.
+    scale = (torch.rand(rows, n_groups, generator=g) * 4 + 0.01) * 2.0 ** torch.randint(*scale_exp, (rows, n_groups),
+                                                                                         generator=g)
+    tensors = {"qweight": pack_intg(codes, bits), "scale": scale.to(scale_dtype)}
+    if mode == "zero":
+        tensors["zero"] = torch.randint(0, zero_max, (rows, n_groups), generator=g, dtype=torch.int32).to(torch.uint8)
+    else:
+        tensors["offset"] = (torch.randn(rows, n_groups, generator=g) * 0.3).to(scale_dtype)
+    if g_idx:
+        tensors["g_idx"] = torch.randint(0, n_groups, (cols,), generator=g, dtype=torch.int32)
+    return QuantizedTensor(scheme=f"int{bits}", layout=INTG, bits=bits, group_size=group, shape=(rows, cols),
+                           dtype=torch.bfloat16, tensors=tensors)
+
+
+def to_dev(qt: QuantizedTensor) -> QuantizedTensor:
+    return QuantizedTensor(qt.scheme, qt.layout, qt.bits, qt.group_size, qt.shape, qt.dtype,
+                           {k: v.to(DEV) for k, v in qt.tensors.items()}, dict(qt.params))
+
+
+# (rows, cols, group): odd rows, cols not divisible by 8/32/group, group smaller than 8, aligned ones too.
+SHAPES = [(1, 1, 1), (3, 7, 4), (5, 33, 32), (17, 100, 32), (31, 257, 128), (2, 130, 7), (16, 128, 128),
+          (33, 96, 32), (129, 512, 128), (7, 1000, 64)]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode,scale_dtype", [("zero", torch.float16), ("zero", torch.float32),
+                                              ("offset", torch.float16), ("offset", torch.float32),
+                                              ("offset", torch.bfloat16)], ids=str)
+def test_intg_dequant_bit_exact(ext, bits, dtype, mode, scale_dtype):
+    for i, (rows, cols, group) in enumerate(SHAPES):
+        for use_gidx in (False, True):
+            qt = make_intg(rows, cols, bits, group, mode=mode, scale_dtype=scale_dtype, g_idx=use_gidx, seed=i)
+            ref = intg_reference(qt, dtype)  # CPU, the ground truth
+            out = cuda_ext.dequantize_intg(to_dev(qt), dtype)
+            assert out is not None
+            assert bits_equal(out, ref), f"mismatch at shape {(rows, cols)} group {group} g_idx={use_gidx}"
+
+
+def test_intg_dispatch_takes_cuda_path():
+    qt = make_intg(37, 300, 3, 128, seed=5)
+    out = dispatch.dequantize(to_dev(qt), torch.bfloat16)
+    assert dispatch.last_path()[INTG] == "cuda"
+    assert bits_equal(out, intg_reference(qt, torch.bfloat16))
+
+
+def test_intg_unaligned_storage_uses_slow_path_correctly():
+    # qweight starting one byte into its storage: vector loads are off, results must not change.
+    qt = make_intg(40, 256, 4, 32, seed=9)
+    q = qt.tensors["qweight"]
+    buf = torch.empty(q.numel() + 1, dtype=torch.uint8)
+    buf[1:] = q.reshape(-1)
+    dq = to_dev(qt)
+    dbuf = buf.to(DEV)
+    dq.tensors["qweight"] = dbuf[1:].view(q.shape)
+    assert dq.tensors["qweight"].data_ptr() % 16 != 0
+    assert bits_equal(cuda_ext.dequantize_intg(dq, torch.float16), intg_reference(qt, torch.float16))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    check_gemv(cuda_ext.gemv_intg(x.to(DEV), dq), x, qt)
+
+
+def check_gemv(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> None:
+    """y (device) against float64 x @ W^T with W = reference dequantization rounded to x's dtype."""
+    assert y is not None and y.dtype == x.dtype and y.shape == (x.shape[0], qt.shape[0])
+    w = intg_reference(qt, x.dtype) if qt.layout == INTG else dispatch.reference(qt.layout)(qt, x.dtype)
+    ref = x.double() @ w.double().t()
+    bound = x.double().abs() @ w.double().abs().t()
+    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[x.dtype]
+    # one rounding of the output (half an ulp, taken as a full one) + fp32 accumulation error
+    tol = eps * ref.abs() + 2.0**-14 * bound + 1e-30
+    err = (y.cpu().double() - ref).abs()
+    assert torch.isfinite(y.cpu().double()).all()
+    assert (err <= tol).all(), f"max err {float(err.max())}, worst ratio {float((err / tol).max())}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["zero", "offset"])
+def test_intg_gemv(ext, bits, xdtype, mode):
+    shapes = SHAPES + [(300, 4096, 128), (64, 1024, 32)]
+    for i, (rows, cols, group) in enumerate(shapes):
+        for m in (1, 3, 8):
+            for use_gidx in (False, True):
+                qt = make_intg(rows, cols, bits, group, mode=mode, g_idx=use_gidx, seed=100 + i,
+                               zero_max=1 << bits, scale_exp=(-10, -5))
+                x = torch.randn(m, cols, generator=torch.Generator().manual_seed(i)).to(xdtype)
+                y = cuda_ext.gemv_intg(x.to(DEV), to_dev(qt))
+                check_gemv(y, x, qt)
+
+
+def test_lowbit_matmul_paths():
+    qt = make_intg(96, 512, 4, 128, seed=3)
+    dq = to_dev(qt)
+    x = torch.randn(2, 5, 512, dtype=torch.bfloat16)  # 10 rows: too many for the fused kernel
+    y = lowbit_matmul(x.to(DEV), dq)
+    assert last_gemv_path()[INTG] == "dequant+matmul:cuda"
+    assert y.shape == (2, 5, 96)
+    check_gemv(y.reshape(10, 96), x.reshape(10, 512), qt)
+    x1 = torch.randn(1, 1, 512, dtype=torch.bfloat16)
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    y1 = lowbit_matmul(x1.to(DEV), dq, bias.to(DEV))
+    assert last_gemv_path()[INTG] == "cuda-fused"
+    y1_nobias = lowbit_matmul(x1.to(DEV), dq)
+    check_gemv(y1_nobias.reshape(1, 96), x1.reshape(1, 512), qt)
+    assert torch.equal(y1, y1_nobias + bias.to(DEV))
+    # fp32 activations: no fused kernel, dense path.
+    lowbit_matmul(x1.float().to(DEV), dq)
+    assert last_gemv_path()[INTG] == "dequant+matmul:cuda"
+    # 5-bit has a dequant kernel but no fused GEMV.
+    qt5 = make_intg(8, 64, 5, 32, seed=4)
+    lowbit_matmul(x1.reshape(1, 512)[:, :64].to(DEV).contiguous(), to_dev(qt5))
+    assert last_gemv_path()[INTG] == "dequant+matmul:cuda"
+
+
+# ------------------------------------------------------------------ nf4-bnb-v1 (kernel level)
+
+NF4_LEVELS = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0]
+
+
+def nf4_formula(packed, qmap, absmax_code, nmap, nabs, offset, blocksize, nbs, rows, cols, dtype):
+    """bitsandbytes' NF4 dequantization written out in fp32 torch ops (CPU)."""
+    n = rows * cols
+    codes = torch.stack([packed.long() >> 4, packed.long() & 15], -1).reshape(-1)[:n]
+    blk = torch.arange(n) // blocksize
+    am = nmap[absmax_code.long()] * nabs[torch.arange(absmax_code.numel()) // nbs]
+    am = am + offset
+    return (qmap[codes] * am[blk]).reshape(rows, cols).to(dtype)
+
+
+def make_nf4(rows, cols, blocksize=64, nbs=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    n_blocks = math.ceil(n / blocksize)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), generator=g, dtype=torch.int32).to(torch.uint8)
+    qmap = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    absmax_code = torch.randint(0, 256, (n_blocks,), generator=g, dtype=torch.int32).to(torch.uint8)
+    nmap = torch.sort(torch.randn(256, generator=g))[0]
+    nabs = torch.rand(math.ceil(n_blocks / nbs), generator=g) * 0.05 + 0.01
+    offset = torch.rand(1, generator=g) * 0.05
+    return packed, qmap, absmax_code, nmap, nabs, offset
+
+
+NF4_SHAPES = [(1, 1), (3, 5), (7, 33), (5, 64), (13, 100), (33, 96), (64, 512), (129, 4096), (3, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_nf4_dequant_kernel_bit_exact(ext, dtype, blocksize):
+    for i, (rows, cols) in enumerate(NF4_SHAPES):
+        packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, blocksize, seed=i)
+        ref = nf4_formula(packed, qmap, code, nmap, nabs, offset, blocksize, 256, rows, cols, dtype)
+        d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
+        off = float(offset)
+        out = ext.nf4_dequant(d[0], d[1], None, d[2], d[3], d[4], off, blocksize, 256, rows, cols, dtype)
+        assert bits_equal(out, ref), f"mismatch at {(rows, cols)}"
+        # plain fp32 absmax (no double quant)
+        am = (nmap[code.long()] * nabs[torch.arange(code.numel()) // 256] + offset).float()
+        out2 = ext.nf4_dequant(d[0], d[1], am.to(DEV), None, None, None, 0.0, blocksize, 256, rows, cols, dtype)
+        assert bits_equal(out2, ref)
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nf4_gemv_kernel(ext, xdtype):
+    for i, (rows, cols) in enumerate(NF4_SHAPES + [(300, 4096), (17, 14336)]):
+        packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, 64, seed=50 + i)
+        w = nf4_formula(packed, qmap, code, nmap, nabs, offset, 64, 256, rows, cols, xdtype)
+        d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
+        for m in (1, 2, 8):
+            x = torch.randn(m, cols, generator=torch.Generator().manual_seed(i)).to(xdtype)
+            y = ext.nf4_gemv(x.to(DEV), d[0], d[1], None, d[2], d[3], d[4], float(offset), 64, 256, rows, cols)
+            ref = x.double() @ w.double().t()
+            bound = x.double().abs() @ w.double().abs().t()
+            eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[xdtype]
+            err = (y.cpu().double() - ref).abs()
+            assert (err <= eps * ref.abs() + 2.0**-14 * bound + 1e-30).all(), f"{(rows, cols)} m={m}"
+
+
+def test_nf4_matches_bitsandbytes(ext):
+    bnb = pytest.importorskip("bitsandbytes")
+    F = bnb.functional
+    for rows, cols in [(96, 256), (4096, 4096), (33, 1000)]:
+        w = torch.randn(rows, cols, device=DEV, dtype=torch.bfloat16)
+        packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        ref = F.dequantize_4bit(packed, qs)
+        out = ext.nf4_dequant(packed.reshape(-1), qs.code, None, qs.absmax, qs.state2.code, qs.state2.absmax,
+                              float(qs.offset), qs.blocksize, qs.state2.blocksize, rows, cols,
+                              torch.bfloat16)
+        assert bits_equal(out, ref), f"differs from bitsandbytes at {(rows, cols)}"
+
+
+# ------------------------------------------------------------------ nf4-bnb-v1 (through the layout)
+
+def make_nf4_qt(shape, blocksize=64, double_quant=True, seed=0) -> QuantizedTensor:
+    from lowbitpack.layouts.nf4 import LAYOUT as NF4, dynamic_map
+    n = math.prod(shape)
+    packed, qmap, code, _, nabs, offset = make_nf4(1, n, blocksize, seed=seed)
+    tensors = {"qweight": packed, "quant_map": qmap}
+    params = {"quant_type": "nf4", "blocksize": blocksize, "double_quant": double_quant}
+    if double_quant:
+        tensors.update(absmax=code, nested_absmax=nabs, nested_quant_map=dynamic_map())
+        params.update(nested_blocksize=256, offset=float(offset))
+    else:
+        tensors["absmax"] = torch.rand(code.numel(), generator=torch.Generator().manual_seed(seed)) + 0.01
+    return QuantizedTensor(scheme="nf4", layout=NF4, bits=4, group_size=blocksize, shape=tuple(shape),
+                           dtype=torch.bfloat16, tensors=tensors, params=params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_layout_dequant_bit_exact(ext, dtype, double_quant):
+    for i, shape in enumerate([(1, 1), (3, 5), (7, 33), (129, 4096), (3, 1000), (5, 6, 7), (11,)]):
+        qt = make_nf4_qt(shape, double_quant=double_quant, seed=i)
+        ref = dispatch.reference(qt.layout)(qt, dtype)
+        out = dispatch.dequantize(to_dev(qt), dtype)
+        assert dispatch.last_path()[qt.layout] == "cuda"
+        assert bits_equal(out, ref), f"mismatch at {shape}"
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nf4_layout_lowbit_matmul(ext, xdtype):
+    for i, shape in enumerate([(3, 5), (33, 96), (300, 4096), (17, 1000)]):
+        qt = make_nf4_qt(shape, seed=10 + i)
+        for m in (1, 8):
+            x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(i)).to(xdtype)
+            y = lowbit_matmul(x.to(DEV), to_dev(qt))
+            assert last_gemv_path()[qt.layout] == "cuda-fused"
+            check_gemv(y, x, qt)
+
+
+# ------------------------------------------------------------------ lowra-v1
+
+def make_lowra(rows: int, cols: int, seed: int = 0, widths=(1, 2, 4)) -> QuantizedTensor:
+    from lowbitpack.layouts.lowra import LAYOUT as LOWRA, pack_lowra
+    g = torch.Generator().manual_seed(seed)
+    choice = torch.tensor(widths)[torch.randint(0, len(widths), (rows,), generator=g)]
+    codes = torch.zeros(rows, cols, dtype=torch.int64)
+    for r in range(rows):
+        codes[r] = torch.randint(0, 1 << int(choice[r]), (cols,), generator=g)
+    books = {}
+    for b in (1, 2, 4):
+        n_b = int((choice == b).sum())
+        # codebook values across binades, fp16
+        books[b] = (torch.randn(n_b, 1 << b, generator=g) * 2.0 ** torch.randint(-6, 3, (n_b, 1), generator=g)).half()
+    tensors = pack_lowra(choice.to(torch.uint8), codes, books)
+    return QuantizedTensor(scheme="lowra", layout=LOWRA, bits=float(choice.float().mean()), group_size=None,
+                           shape=(rows, cols), dtype=torch.bfloat16, tensors=tensors)
+
+
+LOWRA_SHAPES = [(1, 1), (3, 7), (17, 100), (40, 128), (33, 257), (130, 4096), (9, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lowra_dequant_bit_exact(ext, dtype):
+    for i, (rows, cols) in enumerate(LOWRA_SHAPES):
+        for widths in ((1, 2, 4), (4,), (1,), (2, 4)):
+            qt = make_lowra(rows, cols, seed=i, widths=widths)
+            ref = dispatch.reference(qt.layout)(qt, dtype)
+            out = dispatch.dequantize(to_dev(qt), dtype)
+            assert dispatch.last_path()[qt.layout] == "cuda"
+            assert bits_equal(out, ref), f"mismatch at {(rows, cols)} widths {widths}"
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_lowra_lowbit_matmul(ext, xdtype):
+    for i, (rows, cols) in enumerate(LOWRA_SHAPES + [(300, 4096), (64, 14336)]):
+        qt = make_lowra(rows, cols, seed=20 + i)
+        dq = to_dev(qt)
+        for m in (1, 5, 8):
+            x = torch.randn(m, cols, generator=torch.Generator().manual_seed(i)).to(xdtype)
+            y = lowbit_matmul(x.to(DEV), dq)
+            assert last_gemv_path()[qt.layout] == "cuda-fused"
+            check_gemv(y, x, qt)
