@@ -19,7 +19,7 @@ from lowbitpack.solvers import solve_mckp  # noqa: E402
 from lowbitpack.layouts.lowra import WIDTHS  # noqa: E402
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--budgets", type=float, nargs="+", default=[1.5, 2.0, 2.5])
+ap.add_argument("--budgets", type=float, nargs="+", default=[1.15, 1.5, 2.0, 2.5, 3.0])
 ap.add_argument("--out", default="bench/results/lowra_alloc_exp.json")
 ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = ap.parse_args()
@@ -29,7 +29,9 @@ tok = AutoTokenizer.from_pretrained(src)
 ckpt = SourceCheckpoint.open(src)
 names = flow.selected_weights(ckpt, None)
 windows = flow.calibration_windows(tok, None, 64, 512, 0)
-stats = flow.collect_act_stats(ckpt.path, names, windows, args.device, show_progress=False)
+t0 = time.time()
+stats, gstats = flow.collect_stats(ckpt.path, names, windows, args.device, show_progress=False, output_grads=True)
+print("stats", time.time() - t0, flush=True)
 weights = {n: w for n, w in flow._iter_selected(ckpt, names)}
 s = LowRA(2.0)
 t0 = time.time()
@@ -63,14 +65,20 @@ def global_alloc(scale, budget):
         k = fits[n].errors.shape[0]; out[n] = torch.from_numpy(w[i:i + k].astype(np.int64)); i += k
     return out
 
-def per_tensor(budget):
+def per_tensor(budget, scale):
     out = {}
     for n in names:
-        sol = solve_mckp(fits[n].errors, fits[n].costs, int(budget * numels[n]))
+        sol = solve_mckp(fits[n].errors * scale[n], fits[n].costs, int(budget * numels[n]))
         out[n] = torch.from_numpy(np.asarray(WIDTHS)[sol.choice].astype(np.int64))
     return out
 
+ones = {n: 1.0 for n in names}
+fisher = {n: gstats[n].numpy()[:, None] for n in names}
+for b in WIDTHS:
+    evaluate({n: torch.full((fits[n].errors.shape[0],), b, dtype=torch.int64) for n in names}, f"uniform {b}-bit", None)
 for budget in args.budgets:
-    evaluate(global_alloc({n: 1.0 for n in names}, budget), "raw sum h*dw^2", budget)
-    evaluate(global_alloc({n: 1.0 / signal[n] for n in names}, budget), "relative per tensor (/ sum h*w^2)", budget)
-    evaluate(per_tensor(budget), "per-tensor budget", budget)
+    evaluate(global_alloc(fisher, budget), "fisher-weighted, global", budget)
+    evaluate(per_tensor(budget, fisher), "fisher-weighted, per-tensor budget", budget)
+    if budget == 2.0:
+        evaluate(per_tensor(budget, ones), "raw, per-tensor budget", budget)
+        evaluate(global_alloc(ones, budget), "raw sum h*dw^2, global", budget)

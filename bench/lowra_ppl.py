@@ -57,11 +57,11 @@ def eval_artifact(path: Path, tokenizer, eval_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=None, help="HF model dir (default: the offline SmolLM2-135M-Instruct)")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[1.15, 1.5, 2.0, 2.5])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[1.15, 1.5, 2.0, 2.5, 3.0])
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--baselines", nargs="*", default=["int2", "int3", "gptq2"],
+    ap.add_argument("--baselines", nargs="*", default=["int2", "int3", "gptq2", "gptq3"],
                     help="api.quantize schemes to compare (gptq* use the same calibration settings)")
     ap.add_argument("--ablations", action="store_true", help="also: all rows 2-bit, and unweighted fits (h=1)")
     ap.add_argument("--out", default="bench/results/lowra_smollm2.json")
@@ -69,7 +69,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where artifacts go (default: a temp dir)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="device for calibration forwards and evaluation (fits and packing run on the CPU)")
+    ap.add_argument("--replot", default=None, help="only redraw --plot from this results JSON")
+    ap.add_argument("--alloc-exp", nargs="*", default=[],
+                    help="results of bench/lowra_alloc_exp.py: their global hessian-diag points become a curve")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.plot), args.alloc_exp)
+        return
     global DEVICE
     DEVICE = args.device
 
@@ -107,7 +113,7 @@ def main() -> None:
     numels = {n: infos[n]["shape"][0] * infos[n]["shape"][1] for n in names}
     t0 = time.perf_counter()
     windows = flow.calibration_windows(tok, None, args.calib_samples, args.calib_seqlen, 0)
-    stats = flow.collect_act_stats(ckpt.path, names, windows, DEVICE, show_progress=False)
+    stats, grads = flow.collect_stats(ckpt.path, names, windows, DEVICE, show_progress=False, output_grads=True)
     t_stats = time.perf_counter() - t0
     print(f"statistics {t_stats:.1f}s", flush=True)
 
@@ -133,16 +139,32 @@ def main() -> None:
     print(f"fit {t_fit:.1f}s", flush=True)
     for budget in args.budgets:
         scheme = LowRA(budget)
-        row_bits, solver = flow.allocate_bits(fits, numels, budget)
+        row_bits, solver = flow.allocate_bits(fits, numels, budget, row_weights=grads)
         write_and_eval(f"LowRA {budget}", scheme, fits, row_bits, {"solver": solver})
 
     if args.ablations:
+        rb, solver = flow.allocate_bits(fits, numels, 2.0)
+        write_and_eval("LowRA 2.0, objective hessian-diag (no Fisher row weights)",
+                       LowRA(2.0, objective="hessian-diag"), fits, rb, {"solver": solver})
         rb = {n: torch.full((f.errors.shape[0],), 2, dtype=torch.int64) for n, f in fits.items()}
         write_and_eval("LowRA fits, all rows 2-bit", LowRA(2.0), fits, rb, {})
         fits_u, _ = fit_all(LowRA(2.0), weighted=False)
-        rb, solver = flow.allocate_bits(fits_u, numels, 2.0)
-        write_and_eval("LowRA 2.0 unweighted (h=1)", LowRA(2.0), fits_u, rb, {"solver": solver})
+        rb, solver = flow.allocate_bits(fits_u, numels, 2.0, row_weights=grads)
+        write_and_eval("LowRA 2.0, unweighted fits (h=1)", LowRA(2.0), fits_u, rb, {"solver": solver})
         del fits_u
+        # the same point through the public API (statistics, fits, solve and packing all redone)
+        out = work / "api_lowra_2.0"
+        t0 = time.perf_counter()
+        m = api.quantize(src, out, "lowra", bits=2.0, calib_samples=args.calib_samples,
+                         calib_seqlen=args.calib_seqlen, force=True, progress=False, device=DEVICE)
+        q_s = time.perf_counter() - t0
+        r = eval_artifact(out, tok, args.eval_tokens)
+        results["rows"].append({"method": "LowRA 2.0 via api.quantize", "budget": 2.0, "quantize_s": round(q_s, 1),
+                                **r, "bit_histogram": m["quantization"]["bit_histogram"],
+                                "lowra_timing": m["quantization"]["lowra_timing"],
+                                "solver": m["quantization"]["solver"]})
+        print({k: v for k, v in results["rows"][-1].items() if k != "solver"}, flush=True)
+        save()
     del fits
     gc.collect()
 
@@ -174,20 +196,30 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, alloc_exp: list[str] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.0, 4.6), dpi=120)
     lowra = sorted((r for r in rows if r["method"].startswith("LowRA ") and r["method"][6:].replace(".", "").isdigit()),
                    key=lambda r: r["avg_bits"])
-    ax.plot([r["avg_bits"] for r in lowra], [r["ppl"] for r in lowra], "o-", label="LowRA (this repo)")
+    ax.plot([r["avg_bits"] for r in lowra], [r["ppl"] for r in lowra], "o-", label="LowRA, Fisher-weighted allocation")
     for r in lowra:
         ax.annotate(f"{r['budget']:g}", (r["avg_bits"], r["ppl"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
-    marks = {"int2": "s", "int3": "D", "gptq2": "^", "gptq3": "v", "LowRA fits": "x", "LowRA 2.0 unweighted": "+"}
+    raw = {}
+    for f in alloc_exp or []:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            if r["objective"].startswith("raw sum") and r.get("budget"):
+                raw[r["budget"]] = r
+    if raw:
+        pts = [raw[b] for b in sorted(raw)]
+        ax.plot([r["avg_bits"] for r in pts], [r["ppl"] for r in pts], "s--", color="tab:orange", alpha=0.7,
+                label="LowRA, objective hessian-diag (no Fisher row weights)")
+    marks = {"int2": "s", "int3": "D", "gptq2": "^", "gptq3": "v", "LowRA fits": "x", "LowRA 2.0, unweighted": "+",
+             "LowRA 2.0, objective": "*", "LowRA 2.0 via": "o"}
     for r in rows:
         if "ppl" not in r or r in lowra or r["method"] == "bf16 source":
             continue
@@ -200,7 +232,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("perplexity, KJV New Testament (log)")
     ax.set_title("SmolLM2-135M-Instruct: LowRA budget sweep", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

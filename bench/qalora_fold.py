@@ -59,25 +59,31 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/qalora_bench")
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--formats", default="gguf,gptq")
+    ap.add_argument("--reuse", action="store_true", help="keep WORK/bN/packed and adapter from an earlier run")
     args = ap.parse_args()
 
     src = lowbitpack.api.default_model()
     work = Path(args.work) / f"b{args.bits}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    reuse = args.reuse and (work / "adapter" / "lowbitpack_training.json").is_file()
+    for p in work.iterdir() if work.is_dir() else ():
+        if not (reuse and p.name in ("packed", "adapter")):
+            shutil.rmtree(p, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     res: dict = {"model": str(src), "bits": args.bits, "group": args.group, "torch_threads": torch.get_num_threads()}
     t = time.perf_counter()
-    lowbitpack.quantize(src, work / "packed", "qalora", bits=args.bits, group_size=args.group, progress=False)
+    if not reuse:
+        lowbitpack.quantize(src, work / "packed", "qalora", bits=args.bits, group_size=args.group, progress=False)
     res["quantize_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     steps = 1 if args.random_b is not None else args.steps
-    rec = lowbitpack.api.train(work / "packed", work / "adapter", adapter="qalora", r=16, alpha=16,
-                               max_steps=steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr,
-                               progress=False)
+    if not reuse:
+        lowbitpack.api.train(work / "packed", work / "adapter", adapter="qalora", r=16, alpha=16,
+                             max_steps=steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr, progress=False)
+    rec = json.loads((work / "adapter" / "lowbitpack_training.json").read_text())
     res["train"] = {"steps": rec["result"]["steps"], "first_loss": rec["result"]["first_loss"],
                     "last_loss": rec["result"]["last_loss"], "seconds": rec["result"]["seconds"],
                     "compute_dtype": rec["hparams"]["compute_dtype"], "random_b": args.random_b}
-    if args.random_b is not None:
+    if args.random_b is not None and not reuse:
         randomize_b(work / "adapter", args.random_b)
     res["train_s"] = round(time.perf_counter() - t, 1)
     lowbitpack.api.bundle(work / "adapter", work / "packed", work / "bundle")

@@ -1,5 +1,5 @@
 """lowbitpack: packed low-bit checkpoints, adapters that know their base, Post-LoRA Restoration."""
 from .version import __version__
-from .api import default_model, inspect, quantize
+from .api import bundle, default_model, export, inspect, merge, push, quantize, train
 
-__all__ = ["__version__", "default_model", "inspect", "quantize"]
+__all__ = ["__version__", "bundle", "default_model", "export", "inspect", "merge", "push", "quantize", "train"]

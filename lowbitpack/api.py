@@ -51,6 +51,9 @@ def quantize(
         # Global two-pass flow: statistics of all layers -> one exact bit allocation -> packing.
         from .flows.lowra import lowra_quantize
         from .io.atomic import check_output
+        if group_size is not None:
+            raise OptionError("--group-size does not apply to --scheme lowra (one codebook per row)", None,
+                              "drop --group-size; --bits sets the average-bit budget")
         check_output(out, force)  # fail before minutes of calibration, not after
         precomputed, extra = lowra_quantize(
             src, sch, modules=modules, calib=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
@@ -73,12 +76,23 @@ def inspect(path: str | Path) -> dict[str, Any]:
 def verify(path: str | Path) -> dict[str, Any]:
     """Check every file of an artifact against the sha256 recorded in its manifest; raises IntegrityError."""
     from .artifact import MANIFEST, Artifact
+    from .errors import InputError
     p = Path(path)
+    if not p.is_dir():
+        raise InputError("no such directory", p, "pass an artifact, bundle or merge output directory")
+    merge_manifest = p / "lowbitpack_merge.json"
+    if merge_manifest.is_file():  # merge outputs: every file's sha256 (+ the artifact's own check for PLR-j)
+        from .restore import verify_merge_output
+        return verify_merge_output(p)
     if (p / MANIFEST).is_file():
         art = Artifact.open(p, verify=True)
         return {"path": str(p), "kind": "artifact", "files_checked": len(art.manifest["shards"]), "ok": True}
-    from .errors import InputError
-    raise InputError("nothing to verify: no lowbitpack manifest here", p, "pass an artifact or bundle directory")
+    from .bundle import BUNDLE_MANIFEST, open_bundle
+    if (p / BUNDLE_MANIFEST).is_file():
+        b = open_bundle(p)  # checks every file's sha256 and the adapter against the recorded base
+        return {"path": str(p), "kind": "bundle", "files_checked": len(b.manifest["files"]), "ok": True}
+    raise InputError("nothing to verify: no lowbitpack manifest here", p,
+                     "pass an artifact, bundle or merge output directory")
 
 
 def default_model(refresh: bool = False) -> Path:
@@ -172,6 +186,7 @@ def train(
     original: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on the packed artifact `packed` (QLoRA-style); write a PEFT adapter dir at `out`.
+    `packed` may be a full-precision HF checkpoint instead (plain 16-bit LoRA, the PLR baseline; `adapter="lora"`).
 
     `adapter="qalora"`: QA-LoRA (PEFT use_qalora; pooling group `qalora_group_size`, default the base's group).
     `adapter="qwha"`: QWHA (sparse Walsh–Hadamard spectrum, reference format): `n_frequency` per layer (default

@@ -84,10 +84,11 @@ class ArtifactWriter:
         for f in SIDECAR_FILES:
             if (src_dir / f).is_file():
                 shutil.copy2(src_dir / f, self.dir / f)
-                self.files[f] = sha256_file(self.dir / f)
+                self.files[f] = ""  # hashed in finish(): callers may still rewrite e.g. config.json
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         shards = self.writer.finish()
+        self.files = {f: sha256_file(self.dir / f) for f in self.files}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -70,7 +70,7 @@ def create_bundle(adapter_dir: str | Path, base: str | Path, out: str | Path, *,
     training = _read_training(adapter.path)
     kind = adapter.kind
     with atomic_dir(out, force) as tmp:
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) + kind.extra_files(adapter.path):
             shutil.copyfile(adapter.path / name, tmp / name)
         if training is not None:
             shutil.copyfile(adapter.path / TRAINING_MANIFEST, tmp / TRAINING_MANIFEST)

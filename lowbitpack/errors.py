@@ -41,3 +41,7 @@ class OutputExistsError(LowbitpackError):
 
 class BaseMismatchError(LowbitpackError):
     """An adapter is applied to a base other than the one it was trained on."""
+
+
+class OutputWriteError(LowbitpackError):
+    """Writing the output failed (disk full, file size limit, read-only or forbidden target); nothing was kept."""

@@ -57,7 +57,8 @@ class _DequantLinear(torch.autograd.Function):
 class LowBitLinear(nn.Module):
     """A frozen linear layer whose weight is a packed `QuantizedTensor` (buffers `packed_<key>`)."""
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None):
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         if len(qt.shape) != 2:
             raise ValueError(f"LowBitLinear needs a 2-D weight, got shape {qt.shape}")
@@ -72,6 +73,10 @@ class LowBitLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # An empty float buffer whose dtype follows model.to(dtype)/.half(): the dtype `.weight` is reported in
+        # (PEFT gives new LoRA weights that dtype), while the packed tensors themselves keep theirs (`_apply`).
+        compute_dtype = compute_dtype or (bias.dtype if bias is not None else qt.dtype)
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=compute_dtype), persistent=False)
         # Optional cache of the dense weight (see `cache_dense`); not a buffer, never saved.
         self._dense_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] | None = None
 
@@ -83,10 +88,18 @@ class LowBitLinear(nn.Module):
         """
         self._dense_cache = {} if enabled else None
 
-    def _apply(self, fn, recurse: bool = True):  # .to()/.cuda(): a cached dense copy would be on the old device
+    def _apply(self, fn, recurse: bool = True):
+        """Moves follow .to()/.cuda(); dtype casts (model.half(), .to(bf16)) never touch the packed tensors, whose
+        exact dtypes (fp16 scales, fp32 absmax, ...) the layout defines, only the compute dtype."""
         if self._dense_cache:
-            self._dense_cache.clear()
-        return super()._apply(fn, recurse)
+            self._dense_cache.clear()  # a cached dense copy would be on the old device / in the old dtype
+        packed = {k: getattr(self, _BUFFER_PREFIX + k) for k in self._keys}
+        out = super()._apply(fn, recurse)
+        for k, old in packed.items():
+            new = self._buffers[_BUFFER_PREFIX + k]
+            if new.dtype != old.dtype:
+                self._buffers[_BUFFER_PREFIX + k] = old.to(new.device)
+        return out
 
     @property
     def qt(self) -> QuantizedTensor:
@@ -113,7 +126,8 @@ class LowBitLinear(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.bias.dtype if self.bias is not None else self.weight_dtype
+        """The dtype the surrounding model computes in (set by load_packed_model, follows model.to(dtype))."""
+        return self.dtype_probe.dtype
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         fused = _fused_matmul()
@@ -274,7 +288,7 @@ def load_packed_model(artifact: str | Path | Artifact, dtype: torch.dtype = torc
                 bias = art.dense(bname, dtype)
                 swapped.add(bname)
             qt = art.quantized_tensor(name)
-            _set_submodule(model, mod_name, LowBitLinear(qt, bias).to(device))
+            _set_submodule(model, mod_name, LowBitLinear(qt, bias, compute_dtype=dtype).to(device))
             swapped.add(name)
     for name in art.tensors:
         if name not in swapped:
@@ -283,6 +297,7 @@ def load_packed_model(artifact: str | Path | Artifact, dtype: torch.dtype = torc
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = _tied_names(model)
     packed = {f"{n}.{_BUFFER_PREFIX}{k}" for n, m in lowbit_modules(model).items() for k in m._keys}
+    packed |= {f"{n}.dtype_probe" for n in lowbit_modules(model)}
     missing = [m for m in missing if m not in tied and m not in packed]
     if unexpected:
         raise InputError(f"artifact tensors unknown to the model: {unexpected[:3]}", art.path,

@@ -15,7 +15,7 @@ def load_dequantized_model(artifact: str | Path | Artifact, dtype: torch.dtype =
 
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
     config = AutoConfig.from_pretrained(art.path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = _skeleton(config, dtype)
     state = {name: t.to(dtype) for name, t in art.iter_dense(dtype)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not _is_tied(model, m)]
@@ -23,6 +23,17 @@ def load_dequantized_model(artifact: str | Path | Artifact, dtype: torch.dtype =
         raise ValueError(f"artifact does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     return model.to(device).eval()
+
+
+def _skeleton(config, dtype: torch.dtype):
+    """Model from config without random initialisation (all weights are overwritten right after)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _is_tied(model, name: str) -> bool:

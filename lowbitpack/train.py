@@ -24,6 +24,7 @@ import torch
 from .artifact import MANIFEST, Artifact
 from .errors import InputError, OptionError
 from .io.atomic import atomic_dir, check_output
+from .io.checkpoint import SourceCheckpoint
 from .io.hashing import sha256_file
 from .lowbit_linear import load_packed_model, lowbit_modules, register_lowbit_lora
 from .version import __version__
@@ -115,6 +116,8 @@ def train_adapter(
 ) -> dict[str, Any]:
     """Train LoRA on the packed artifact `packed`; write the PEFT adapter dir `out`. Returns the training record.
 
+    `packed` may also be a full-precision HF checkpoint: plain 16-bit LoRA (the baseline PLR compares against).
+
     `cache_dense` keeps each packed layer's dequantized weight after first use (default: on CPU only, where
     decoding costs as much as the matmul; on GPUs the weights are decoded on every pass, as QLoRA does).
     `dtype` is the base's compute dtype (default bf16 on GPUs and bf16-capable CPUs, else float32); the LoRA
@@ -127,8 +130,16 @@ def train_adapter(
 
     _check_options(r, alpha, dropout, lr, epochs, max_steps, batch_size, seq_len, target_modules)
     check_output(out, force)
-    art = Artifact.open(packed)
+    base_path = Path(packed).expanduser()
+    # A packed artifact (QLoRA-style), or a full-precision HF checkpoint (plain 16-bit LoRA, the PLR baseline).
+    art = Artifact.open(base_path) if (base_path / MANIFEST).is_file() or not (base_path / "config.json").is_file() \
+        else None
+    dense_src = SourceCheckpoint.open(base_path) if art is None else None
+    model_id = art.manifest["source"].get("model_id") if art is not None else dense_src.source_identity()["model_id"]
     extra_config: dict[str, Any] = {}
+    if adapter == "qalora" and art is None:
+        raise OptionError("--adapter qalora needs a packed artifact as the base", base_path,
+                          "quantize the model first, e.g. `lowbitpack quantize SRC --scheme qalora`")
     if adapter == "qalora":
         from .adapters.qalora import training_options
         extra_config = training_options(art, qalora_group_size, target_modules)
@@ -138,9 +149,9 @@ def train_adapter(
     compute_dtype = _compute_dtype(dtype, device)
     texts, data_info = load_texts(data)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(art.path))
+        tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
-        raise InputError(f"cannot load a tokenizer from the artifact ({e.__class__.__name__})", art.path,
+        raise InputError(f"cannot load a tokenizer from the base ({e.__class__.__name__})", base_path,
                          "re-create the artifact from a source that has tokenizer files") from None
     windows = token_windows(tokenizer, texts, seq_len)
     if len(windows) < 1:
@@ -151,7 +162,12 @@ def train_adapter(
 
     random.seed(seed)
     torch.manual_seed(seed)
-    model = load_packed_model(art, compute_dtype, device)
+    if art is not None:
+        model = load_packed_model(art, compute_dtype, device)
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=compute_dtype).to(device)
+        model.requires_grad_(False)
     if cache_dense is None:
         cache_dense = not str(device).startswith("cuda")
     for m in lowbit_modules(model).values():
@@ -163,10 +179,10 @@ def train_adapter(
     try:
         peft_model = get_peft_model(model, lora_config)
     except ValueError as e:
-        raise OptionError(f"--target-modules {','.join(targets)}: {str(e).splitlines()[0]}", art.path,
+        raise OptionError(f"--target-modules {','.join(targets)}: {str(e).splitlines()[0]}", base_path,
                           "name modules of the model, e.g. q_proj,k_proj,v_proj,o_proj") from None
     # The adapter belongs to the original model (PEFT would record the artifact's directory).
-    peft_model.peft_config["default"].base_model_name_or_path = art.manifest["source"].get("model_id")
+    peft_model.peft_config["default"].base_model_name_or_path = model_id
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     for p in trainable:  # LoRA weights and their optimiser state in float32 whatever the base compute dtype
         p.data = p.data.float()
@@ -213,7 +229,7 @@ def train_adapter(
             "format": TRAINING_FORMAT, "format_version": 1,
             "producer": {"name": "lowbitpack", "version": __version__},
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "base": _base_record(art),
+            "base": _base_record(art) if art is not None else _checkpoint_record(dense_src),
             "data": {**data_info, "texts": len(texts), "windows": len(windows), "seq_len": seq_len},
             "hparams": {"adapter_type": adapter, **extra_config, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                         "use_rslora": use_rslora, "target_modules": targets, "lr": lr, "epochs": epochs,
@@ -233,9 +249,16 @@ def train_adapter(
     return record
 
 
+def _checkpoint_record(ckpt: SourceCheckpoint) -> dict[str, Any]:
+    ident = ckpt.source_identity()
+    return {"kind": "checkpoint", "path": str(ckpt.path.resolve()), "scheme": "none", "bits": None,
+            "group_size": None, "model_id": ident.get("model_id"), "revision": ident.get("revision")}
+
+
 def _base_record(art: Artifact) -> dict[str, Any]:
     q = art.manifest["quantization"]
-    return {"artifact_path": str(art.path.resolve()), "manifest_sha256": sha256_file(art.path / MANIFEST),
+    return {"kind": "artifact", "artifact_path": str(art.path.resolve()),
+            "manifest_sha256": sha256_file(art.path / MANIFEST),
             "scheme": q.get("scheme"), "bits": q.get("bits"), "group_size": q.get("group_size"),
             "model_id": art.manifest["source"].get("model_id"), "revision": art.manifest["source"].get("revision")}
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+pytest_plugins = ["tests.reliability_plugin"]
+
 
 def _has_cuda() -> bool:
     return torch.cuda.is_available()

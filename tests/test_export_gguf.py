@@ -327,17 +327,19 @@ def test_refusals(tmp_path, smollm2):
     assert not (tmp_path / "o3").exists()  # nothing half-written
 
 
-def test_real_model_q8_0_from_checkpoint(tmp_path, smollm2):
-    """SmolLM2-135M (tied embeddings, GQA 9/3 heads, 49k BPE vocab): the Q8_0 GGUF loads in transformers;
-    tokenizer and logits agree with the source checkpoint."""
+def test_real_model_f16_from_checkpoint_is_exact(tmp_path, smollm2):
+    """SmolLM2-135M (tied embeddings, GQA 9/3 heads, 49k BPE vocab) -> F16 GGUF: transformers loads it with the
+    same tokenizer and bit-identical logits (bf16 weights are exact in fp16). Q8_0/Q4_x are covered on the tiny
+    model above; their real-model errors are in the export report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
-    res = api.export(smollm2, tmp_path / "out", "gguf", gguf_type="q8_0", progress=False)
+    res = api.export(smollm2, tmp_path / "out", "gguf", gguf_type="f16", progress=False)
+    assert res["errors"]["F16/float"]["max_abs_error"] == 0.0
     meta, names = read_gguf_metadata(str(tmp_path / "out" / res["file"]))
     assert "output.weight" not in names and "token_embd.weight" in names  # tied
     assert meta["llama.attention.head_count_kv"] == 3 and meta["llama.block_count"] == 30
-    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["general.file_type"] == 7
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["general.file_type"] == 1
     model = _load_gguf(tmp_path / "out", res["file"])
     tok = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=res["file"])
     src_tok = AutoTokenizer.from_pretrained(smollm2)
@@ -345,6 +347,4 @@ def test_real_model_q8_0_from_checkpoint(tmp_path, smollm2):
     ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     ids = torch.tensor([src_tok(SAMPLE).input_ids])
     with torch.no_grad():
-        a, b = model(ids).logits, ref(ids).logits
-    assert float((a - b).abs().max() / b.abs().max()) < 5e-2
-    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) > 0.9
+        assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -93,6 +93,16 @@ def test_fast_path_equals_reference(dtype, blocksize):
     assert torch.equal(p1, p2) and torch.equal(a1, a2)
 
 
+def test_fast_path_across_chunks(monkeypatch):
+    """Many chunks and a short last chunk (the chunk size is lowered so that a small tensor spans 13 chunks)."""
+    import lowbitpack.schemes.nf4 as nf4_scheme
+    monkeypatch.setattr(nf4_scheme, "_CHUNK_ELEMENTS", 64 * 9)
+    w = _weight((61, 123), torch.bfloat16, seed=9)   # 117 whole blocks + a partial one
+    p1, a1 = quantize_4bit(w, 64)
+    p2, a2 = quantize_4bit_reference(w, 64)
+    assert torch.equal(p1, p2) and torch.equal(a1, a2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_bit_exact_vs_bitsandbytes(dtype, shape):
@@ -130,10 +140,11 @@ def test_nested_quantization_vs_bitsandbytes():
         assert torch.equal(q, q2) and torch.equal(st.absmax, am2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(64, 128), (576, 64), (33, 7), (129, 131), (5,)], ids=str)
+@pytest.mark.parametrize(("dtype", "shape"), [(d, s) for d in DTYPES for s in [(64, 128), (576, 64)]]
+                         + [(torch.bfloat16, (129, 131)), (torch.float16, (5,))], ids=str)
 def test_dequantize_equals_bitsandbytes(dtype, shape):
-    """bnb's CPU kernel is only right when the last dim is odd or a multiple of the blocksize (see report)."""
+    """bnb's native CPU kernel (even last dim) is right when the last dim is a multiple of the blocksize; odd last
+    dims take its torch path. (Its AVX-512 kernel mis-indexes absmax for e.g. [96, 96] at blocksize 64.)"""
     F = _bnb()
     w = _weight(shape, dtype, seed=7)
     packed, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -197,8 +208,8 @@ def test_golden_file():
 def test_real_model_weights_bit_exact(smollm2):
     F = _bnb()
     with safe_open(str(smollm2 / "model.safetensors"), framework="pt") as f:
-        names = [n for n in f.keys() if n.startswith(("model.layers.0.", "model.layers.29.")) and n.endswith("proj.weight")]
-        assert len(names) == 14
+        names = [n for n in f.keys() if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
+        assert len(names) == 7
         for name in names:
             w = f.get_tensor(name)
             _assert_same_as_bnb(w)

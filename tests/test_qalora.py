@@ -122,19 +122,24 @@ def test_lowbit_qalora_layer_is_peft_pooled_lora_and_equals_dense_delta():
     torch.testing.assert_close(c, (b @ a) * 2.0 * (in_f // group) / group)
 
 
-def test_layer_refuses_groups_that_do_not_fit():
+def test_layer_needs_whole_groups_but_runs_on_any_base():
+    """The pooled forward runs on any packed base (a PLR-restored int4/NF4 base, say); only in % G matters."""
     from peft import LoraConfig
 
-    base = LowBitLinear(make_scheme("qalora", bits=4, group_size=32).quantize(torch.randn(8, 64)))
     cls = qalora_layer_class()
-    for pool, match in ((48, "not divisible"), (16, "does not divide the adapter's pooling group")):
-        cfg = LoraConfig(r=2, target_modules=["x"], use_qalora=True, qalora_group_size=pool)
-        with pytest.raises(ValueError, match=match):
-            cls(base, "default", config=cfg, r=2, lora_alpha=2)
+    base = LowBitLinear(make_scheme("qalora", bits=4, group_size=32).quantize(torch.randn(8, 64)))
+    cfg = LoraConfig(r=2, target_modules=["x"], use_qalora=True, qalora_group_size=48)
+    with pytest.raises(ValueError, match="in_features 64 is not divisible by qalora_group_size 48"):
+        cls(base, "default", config=cfg, r=2, lora_alpha=2)
     nf4 = LowBitLinear(make_scheme("nf4", group_size=64).quantize(torch.randn(8, 64)))
-    cfg = LoraConfig(r=2, target_modules=["x"], use_qalora=True, qalora_group_size=32)
-    with pytest.raises(ValueError, match="no per-group offsets"):
-        cls(nf4, "default", config=cfg, r=2, lora_alpha=2)
+    cfg = LoraConfig(r=2, target_modules=["x"], use_qalora=True, qalora_group_size=16)
+    layer = cls(nf4, "default", config=cfg, r=2, lora_alpha=2)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 64)
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), nf4(x) + x @ qalora_delta(a, b, 1.0, 16).t(), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- fold math
@@ -344,3 +349,19 @@ def test_gguf_q4_1_export_of_the_fold_is_exact_up_to_fp16(tmp_path):
         bound = float(art.quantized_tensor(name).tensors["offset"].abs().max()) * 2.0**-11
         diff = float((got - ref).abs().max())
         assert 0 < diff <= bound + 1e-9
+
+
+def test_unfolded_restore_with_qalora_scheme_keeps_adapter_beside(tiny):
+    """PLR-2 without --fold: the original quantized with `--scheme qalora` at 2 bits, the adapter beside it runs."""
+    tmp, src = tiny["tmp"] / "beside", tiny["src"]
+    packed = tmp / "packed"
+    lowbitpack.quantize(src, packed, "qalora", bits=4, group_size=32, progress=False)
+    ad = write_qalora_adapter(src, tmp / "ad", group=32)
+    lowbitpack.api.bundle(ad, packed, tmp / "bundle")
+    m = lowbitpack.api.merge(tmp / "bundle", tmp / "plr2", restore=2, scheme="qalora", group_size=32, progress=False)
+    assert m["restore"]["merged"] is False and "qalora_fold" not in m["restore"]
+    art = Artifact.open(tmp / "plr2")
+    assert art.manifest["quantization"]["bits"] == 2
+    model = attach_adapter(load_packed_model(tmp / "plr2"), tmp / "plr2")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(logits(model, ids)).all()

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowbitpack.adapters import detect_type, get_kind
 from lowbitpack.adapters.peft_io import read_peft_adapter
-from lowbitpack.adapters.qwha import qwha_delta, qwha_forward, reference_merge_delta, sparse_spectrum_matrix
+from lowbitpack.adapters.qwha import (INIT_FILE, qwha_delta, qwha_forward, reference_merge_delta,
+                                      sparse_spectrum_matrix)
 from lowbitpack.adapters.qwha_train import (QwhaLinear, allocate_per_channel, attach_qwha, init_from_error,
                                             qwha_adapter_config, random_locations, save_qwha_adapter,
                                             select_spectrum)
@@ -147,8 +148,8 @@ def test_reference_style_merge_is_not_the_forward(out_f, in_f):
     base = x @ w.t()
     adapter_effect = (unmerged - base).norm()
     assert (ours - unmerged).norm() < 1e-9 * adapter_effect
-    # the reference's merge is off by more than the adapter's whole effect (S is √n·n/‖·‖ too large, and
-    # scattered in the spectral domain instead of the weight domain)
+    # the reference's merge is off by more than the adapter's whole effect: it puts the spectral coefficients into
+    # the weight domain untransformed and without the 1/n
     assert (theirs - unmerged).norm() > adapter_effect
     # and its ΔW is a different matrix: the sparse S, not S·M/n
     s = reference_merge_delta(spec, idx, 150.0, (out_f, in_f), torch.float64)
@@ -316,7 +317,6 @@ def test_layer_forward_is_the_reference_forward(in_f):
     torch.testing.assert_close(x @ (base.weight + layer.delta_weight()).t(), layer(x), rtol=1e-4, atol=1e-5)
     layer(x).sum().backward()
     assert layer.qwha_spectrum.grad is not None and layer.qwha_spectrum.grad.abs().sum() > 0
-    assert base.weight.grad is None or True  # the base is not what trains; train code freezes it
 
 
 def test_saved_format_and_config_pattern(tmp_path):
@@ -393,6 +393,13 @@ def test_train_bundle_merge_end_to_end(tmp_path, hidden, inter):
     card = (bundle / "README.md").read_text()
     assert "QWHA, n_frequency=" in card and "r=None" not in card and "standard PEFT adapter" not in card
 
+    # the initial (error-cancelling) spectra travel with the bundle; restores apply the learned part only
+    assert (bundle / INIT_FILE).is_file() and INIT_FILE in m["files"]
+    t = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    t0 = load_file(str(tmp_path / "adapter" / INIT_FILE))
+    learned = {mod: t[f"{PREFIX}{mod}.qwha_spectrum"] - t0[f"{PREFIX}{mod}.qwha_spectrum_init"] for mod in layers}
+    assert all(v.abs().max() > 0 for v in learned.values())  # 3 steps moved every layer
+
     merged = tmp_path / "merged16"
     api.merge(bundle, merged, restore=16, original=src, progress=False)
     orig = load_file(str(src / "model.safetensors"))
@@ -401,19 +408,18 @@ def test_train_bundle_merge_end_to_end(tmp_path, hidden, inter):
     for module in adapter.modules:
         name = module + ".weight"
         delta = adapter.delta_weight(module, tuple(orig[name].shape))
-        assert delta.abs().max() > 0
+        idx = t[f"{PREFIX}{module}.qwha_indices_default"]
+        torch.testing.assert_close(delta, qwha_delta(learned[module], idx, 150.0, tuple(orig[name].shape)))
         torch.testing.assert_close(got[name], orig[name] + delta)
 
-    # the merged checkpoint's logits = QWHA layers (reference forward) on the original weights
+    # the merged checkpoint's logits = QWHA layers (reference forward, learned spectrum) on the original weights
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    t = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     qlayers = {}
     for module in adapter.modules:
         base = ref_model.get_submodule(module)
-        qlayers[module] = QwhaLinear(base, t[f"{PREFIX}{module}.qwha_indices_default"],
-                                     t[f"{PREFIX}{module}.qwha_spectrum"], 150.0)
+        qlayers[module] = QwhaLinear(base, t[f"{PREFIX}{module}.qwha_indices_default"], learned[module], 150.0)
     for module, layer in qlayers.items():
         parent, _, child = module.rpartition(".")
         setattr(ref_model.get_submodule(parent), child, layer)
@@ -426,6 +432,9 @@ def test_train_bundle_merge_end_to_end(tmp_path, hidden, inter):
     beside = api.merge(bundle, tmp_path / "plr8", restore=8, original=src, progress=False)
     assert not beside["restore"]["merged"]
     assert read_peft_adapter(tmp_path / "plr8").type == "qwha"
+    tb = load_file(str(tmp_path / "plr8" / "adapter_model.safetensors"))
+    for mod in layers:  # the adapter beside the restored base carries the learned part
+        torch.testing.assert_close(tb[f"{PREFIX}{mod}.qwha_spectrum"], learned[mod])
     folded = api.merge(bundle, tmp_path / "plr4f", restore=4, fold=True, original=src, progress=False)
     assert folded["restore"]["merged"] and folded["errors"]["what"] == "fold_error"
 
@@ -459,12 +468,13 @@ def test_merge_restore16_smollm2_shapes(tmp_path):
     for module in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.k_proj"):
         spec, idx = _parts(tensors, module)
         s = sparse_spectrum_matrix(spec.double(), idx, 150.0, shapes[module], torch.float64)
-        expected = orig[module + ".weight"].double() + s @ dense_hadamard(shapes[module][1], torch.float64) / shapes[module][1]
+        in_f = shapes[module][1]
+        expected = orig[module + ".weight"].double() + s @ dense_hadamard(in_f, torch.float64) / in_f
         torch.testing.assert_close(got[module + ".weight"].double(), expected.to(torch.bfloat16).double())
 
 
 def test_cli_train_qwha_and_option_errors(tmp_path):
-    """`lowbitpack train --adapter qwha` (zeros init: the reference's random locations) and options that do not apply."""
+    """`lowbitpack train --adapter qwha` (zeros init: the reference's random locations); options that do not apply."""
     from click.testing import CliRunner
 
     from lowbitpack import api
@@ -494,3 +504,46 @@ def test_cli_train_qwha_and_option_errors(tmp_path):
         api.train(packed, tmp_path / "x", adapter="qwha", dropout=0.1, progress=False)
     with pytest.raises(OptionError, match="qwha only"):
         api.train(packed, tmp_path / "y", n_frequency=10, progress=False)
+
+
+def test_error_init_is_dropped_on_restore(tmp_path):
+    """An untrained error-init adapter restored to 16 bits gives back W exactly (its ΔW_init only cancels the
+    training base's error); without the init file the same adapter would add ΔW_init ≈ W − Q(W) to W."""
+    from lowbitpack import api
+
+    src = make_tiny_llama(tmp_path / "src", hidden=48, inter=96, dtype=torch.float32, seed=4)
+    orig = load_file(str(src / "model.safetensors"))
+    model = torch.nn.Module()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    for name in names:
+        w = orig[name + ".weight"]
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight.data = torch.round(w * 8) / 8  # the "packed" base Q(W)
+        parent = model
+        for part in name.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(name.rsplit(".", 1)[1], lin)
+    originals = {n: orig[n + ".weight"] for n in names}
+    layers = attach_qwha(model, ["q_proj", "down_proj"], r=4, scaling=150.0, init="error", originals=originals)
+    init = {n: layer.qwha_spectrum.detach().clone() for n, layer in layers.items()}
+    save_qwha_adapter(tmp_path / "with_init", layers, ["q_proj", "down_proj"], None, init)
+    save_qwha_adapter(tmp_path / "without_init", layers, ["q_proj", "down_proj"], None)
+    for variant in ("with_init", "without_init"):
+        api.bundle(tmp_path / variant, src, tmp_path / f"b_{variant}")
+        api.merge(tmp_path / f"b_{variant}", tmp_path / f"m_{variant}", restore=16, original=src, progress=False)
+    with_init = load_file(str(tmp_path / "m_with_init" / "model.safetensors"))
+    without = load_file(str(tmp_path / "m_without_init" / "model.safetensors"))
+    for n in names:
+        w = orig[n + ".weight"]
+        assert torch.equal(with_init[n + ".weight"], w)
+        e = w - torch.round(w * 8) / 8
+        d = without[n + ".weight"] - w  # = ΔW_init, which correlates with the k-bit error, not with W
+        assert float((d * e).sum()) > 0.1 * float(d.norm() * e.norm())
+
+    # a sidecar that does not match the adapter is refused by name
+    bad = tmp_path / "with_init" / INIT_FILE
+    save_file({f"{PREFIX}model.layers.0.self_attn.q_proj.qwha_spectrum_init": torch.zeros(3)}, str(bad))
+    with pytest.raises(InputError, match="initial spectra do not match"):
+        read_peft_adapter(tmp_path / "with_init")

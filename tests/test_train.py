@@ -257,3 +257,66 @@ def test_train_cli(tmp_path):
     res = CliRunner().invoke(main, ["train", str(packed), "-o", str(tmp_path / "ad2"), "--data",
                                     str(tmp_path / "nope.txt"), "--no-progress"])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "no such file" in res.output
+
+
+def test_train_on_a_full_precision_checkpoint_is_plain_lora(tmp_path):
+    """The 16-bit LoRA baseline: same flow, dense nn.Linear base, base record of kind checkpoint."""
+    src = tiny_source(tmp_path)
+    rec = _train(src, tmp_path / "ad16", text_file(tmp_path), max_steps=2)
+    assert rec["base"]["kind"] == "checkpoint" and rec["base"]["scheme"] == "none"
+    assert rec["result"]["packed_linears"] == 0 and rec["result"]["steps"] == 2
+    assert (tmp_path / "ad16" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- GPU (device machine)
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme,group", [("int4", 128), ("int3", 64), ("nf4", 64)])
+@pytest.mark.parametrize("rows", [1, 5, 37])
+def test_lowbit_linear_on_cuda_matches_the_cpu_reference(scheme, group, rows):
+    """Whatever path runs on the GPU (fused GEMV, CUDA dequant, or the torch reference), forward and backward
+    agree with the float32 reference computed on the CPU."""
+    torch.manual_seed(0)
+    qt = make_scheme(scheme, group_size=group).quantize(torch.randn(384, 320) * 0.05)
+    dense = dequantize(qt, torch.float32)
+    layer = LowBitLinear(qt).cuda()
+    x = torch.randn(rows, 320, dtype=torch.bfloat16)
+    xg = x.cuda().requires_grad_(True)
+    y = layer(xg)
+    ref = x.float() @ dense.t()
+    assert y.dtype == torch.bfloat16 and y.is_cuda
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-2, atol=2e-2)
+    g = torch.randn(rows, 384, dtype=torch.bfloat16)
+    y.backward(g.cuda())
+    torch.testing.assert_close(xg.grad.float().cpu(), g.float() @ dense, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.cuda()).float().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_train_on_cuda_and_adapter_loads_on_cpu_original(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    src, packed = tiny_packed(tmp_path)
+    rec = _train(packed, tmp_path / "ad", text_file(tmp_path), device="cuda", dtype=None, max_steps=4)
+    assert rec["hparams"]["device"] == "cuda" and rec["hparams"]["compute_dtype"] == "bfloat16"
+    assert rec["hparams"]["cache_dense"] is False
+    assert all(torch.isfinite(torch.tensor(rec["result"][k])) for k in ("first_loss", "final_loss"))
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        out = PeftModel.from_pretrained(base, str(tmp_path / "ad"))(input_ids=torch.randint(0, 256, (1, 8))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_dtype_casts_keep_packed_tensors_exact():
+    """model.half()/.to(bf16) change the compute dtype, never the packed scales (fp16 -> bf16 would be lossy)."""
+    qt = make_scheme("int4", group_size=32).quantize(torch.randn(16, 40))
+    layer = LowBitLinear(qt, torch.randn(16), compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in qt.tensors.items()}
+    layer.to(torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    for k, v in before.items():
+        t = getattr(layer, "packed_" + k)
+        assert t.dtype == v.dtype and torch.equal(t, v)
+    layer.float()
+    torch.testing.assert_close(layer.weight, dequantize(qt, torch.float32))

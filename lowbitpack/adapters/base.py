@@ -33,6 +33,17 @@ class AdapterKind(ABC):
         return (f"r={config.get('r')}, alpha={config.get('lora_alpha')}, rslora={bool(config.get('use_rslora'))}, "
                 f"{n_modules} modules")
 
+    def extra_files(self, adapter_dir: Path) -> tuple[str, ...]:
+        """Files of the adapter dir a bundle must carry besides the PEFT config and weights (default: none)."""
+        return ()
+
+    def write_unmerged(self, bundle_dir: Path, out_dir: Path, modules: dict[str, dict[str, torch.Tensor]],
+                       config: dict[str, Any]) -> None:
+        """Write the adapter that goes beside an unmerged restored base (default: the bundled files unchanged)."""
+        import shutil
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(bundle_dir / name, out_dir / name)
+
     def integer_tensor(self, key: str) -> bool:
         """Whether the saved tensor `key` may hold integers (index or count buffers); default: none may."""
         return False

@@ -200,18 +200,12 @@ def _qalora_layer_class():
                 raise ValueError("DoRA and QA-LoRA together are not supported; set use_dora=False")
             if not getattr(config, "use_qalora", False):
                 raise ValueError("LowBitQALoraLinear needs use_qalora=True")
-            base = self.get_base_layer()
-            if hasattr(base, "layout"):  # LowBitLinear: the pooling groups must fit the quantization groups
-                g_idx = getattr(base, "packed_g_idx", None)
-                gq = min(int(base.group_size or base.in_features), base.in_features)
-                reason = fold_incompatibility(base.layout, gq, base.in_features, int(config.qalora_group_size),
-                                              has_act_order=not _trivial_g_idx(g_idx, base.in_features, gq))
-            else:
-                reason = fold_incompatibility(INTG_LAYOUT, None, self.in_features, int(config.qalora_group_size))
-                if reason and "quantization group" in reason:
-                    reason = None  # dense base: only the divisibility matters
-            if reason:
-                raise ValueError(f"QA-LoRA cannot adapt this layer ({self.in_features} -> {self.out_features}): {reason}")
+            # Any base runs the pooled forward (inference on a PLR-restored base, say); only whole groups are
+            # needed. Whether the adapter can later be folded exactly is checked by training_options / bundling.
+            g = int(config.qalora_group_size)
+            if g < 1 or self.in_features % g:
+                raise ValueError(f"QA-LoRA cannot adapt this layer ({self.in_features} -> {self.out_features}): "
+                                 f"in_features {self.in_features} is not divisible by qalora_group_size {g}")
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 

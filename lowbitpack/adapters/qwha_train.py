@@ -20,7 +20,9 @@ a LoRA of rank r (the reference's `match_lora_params`).
 
 The adapter directory holds adapter_config.json (QWHAConfig fields) and adapter_model.safetensors with per
 module `qwha_spectrum`, `qwha_indices_default`, `qwha_scaling_default`, `qwha_n_frequency_default` (the real
-per-module count) and `qwha_random_loc_seed_default`, plus lowbitpack_training.json / train_log.jsonl.
+per-module count) and `qwha_random_loc_seed_default`, plus lowbitpack_training.json / train_log.jsonl, and for
+init="error" `lowbitpack_qwha_init.safetensors` (the initial spectra: merges onto a restored base subtract them,
+because the error they cancel is the training base's; see `lowbitpack.adapters.qwha`).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from ..kernels import dequantize
 from ..lowbit_linear import LowBitLinear, load_packed_model, lowbit_modules
 from ..version import __version__
 from .base import PREFIX
-from .qwha import qwha_delta, sparse_spectrum_matrix
+from .qwha import INIT_FILE, INIT_SUFFIX, qwha_delta, sparse_spectrum_matrix
 
 ADAPTER_NAME = "default"
 DEFAULT_SCALING = 3000.0  # the reference's LLM fine-tuning scripts (train_gsm8k.py); its config default is 150
@@ -126,7 +128,8 @@ def allocate_per_channel(weights: torch.Tensor, budget: int, cap: int) -> torch.
     return counts
 
 
-def select_spectrum(error: torch.Tensor, n_frequency: int, selection: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
+def select_spectrum(error: torch.Tensor, n_frequency: int, selection: str = "channel"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [2, n], S values [n]) of the n_frequency-sparse S that best cancels `error` [out, in]."""
     out_f, in_f = error.shape
     if not 1 <= n_frequency <= out_f * in_f:
@@ -137,9 +140,9 @@ def select_spectrum(error: torch.Tensor, n_frequency: int, selection: str = "cha
         rows, cols = flat // in_f, flat % in_f
     elif selection == "channel":
         counts = allocate_per_channel(full.norm(dim=1), n_frequency, in_f)
-        order = torch.argsort(full.abs(), dim=1, descending=True)
-        keep = torch.arange(in_f).unsqueeze(0) < counts.unsqueeze(1)  # first counts[r] of each sorted row
-        rows = torch.arange(out_f).unsqueeze(1).expand(out_f, in_f)[keep]
+        order = torch.topk(full.abs(), int(counts.max()), dim=1).indices  # sorted, largest first
+        keep = torch.arange(order.shape[1]).unsqueeze(0) < counts.unsqueeze(1)  # first counts[r] of each row
+        rows = torch.arange(out_f).unsqueeze(1).expand_as(order)[keep]
         cols = order[keep]
     else:
         raise ValueError(f"unknown selection {selection!r}; choose {', '.join(SELECTIONS)}")
@@ -269,12 +272,19 @@ def qwha_adapter_config(layers: dict[str, QwhaLinear], target_modules: Sequence[
 
 
 def save_qwha_adapter(directory: str | Path, layers: dict[str, QwhaLinear], target_modules: Sequence[str],
-                      base_model: str | None) -> None:
+                      base_model: str | None, init_spectra: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors (reference format); with `init_spectra` {module: initial
+    spectrum} also lowbitpack_qwha_init.safetensors, so that restores drop the training base's error correction."""
     from .peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     cfg = qwha_adapter_config(layers, target_modules, base_model)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     save_file(qwha_state_dict(layers), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if init_spectra:
+        init = {f"{PREFIX}{name}{INIT_SUFFIX}": init_spectra[name].detach().float().cpu().contiguous()
+                for name in sorted(layers)}
+        save_file(init, str(directory / INIT_FILE), metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------- originals
@@ -372,12 +382,15 @@ def train_qwha_adapter(
     for m in lowbit_modules(model).values():
         m.cache_dense(cache_dense)
     targets = list(target_modules)
-    names = [n for n, m in model.named_modules() if isinstance(m, (LowBitLinear, nn.Linear)) and matches_target(n, targets)]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (LowBitLinear, nn.Linear)) and matches_target(n, targets)]
     originals, original_path = (original_weights(art, names, original) if init == "error" else (None, None))
     t_init = time.perf_counter()
     layers = attach_qwha(model, targets, n_frequency=n_frequency, r=r, scaling=scaling,
                          random_loc_seed=random_loc_seed, init=init, originals=originals, selection=selection)
     init_report = _init_report(layers, originals) if originals is not None else None
+    init_spectra = ({n: layer.qwha_spectrum.detach().clone() for n, layer in layers.items()}
+                    if init == "error" else None)
     init_seconds = time.perf_counter() - t_init
     del originals
     model.requires_grad_(False)
@@ -419,7 +432,7 @@ def train_qwha_adapter(
                     log.flush()
                     bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
                 epoch += 1
-        save_qwha_adapter(tmp, layers, targets, art.manifest["source"].get("model_id"))
+        save_qwha_adapter(tmp, layers, targets, art.manifest["source"].get("model_id"), init_spectra)
         seconds = time.perf_counter() - t0
         tail = losses[-min(10, len(losses)):]
         record = {

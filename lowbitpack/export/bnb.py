@@ -178,7 +178,6 @@ def export_bnb(artifact_path: Path, out: Path, *, mode: str = "nf4", force: bool
             conv1d = kinds.get(module) == "conv1d"  # stored [in, out]; bitsandbytes wants [out, in]
             rec = src.record(name)
             if mode == "nf4":
-                qt = None
                 if (rec is not None and rec["layout"] == NF4_LAYOUT and not conv1d
                         and rec.get("params", {}).get("quant_type", "nf4") == "nf4"):
                     qt = src.artifact.quantized_tensor(name)

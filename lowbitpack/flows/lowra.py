@@ -11,8 +11,12 @@ layer-by-layer flow this needs every layer's statistics before any weight is qua
 2. **Fits**: for each selected weight (read from the checkpoint, one at a time) codebooks and exact
    weighted errors for 1, 2 and 4 bits per row (schemes.lowra.LowRA.fit); only the small codebooks and
    the [rows, 3] error/cost tables are kept.
+   With the default objective "fisher" the same pass also runs a backward pass of the LM loss and
+   accumulates E[g_c²] per output feature (g = ∂loss/∂y): the row weights of the allocation.
 3. **Allocation**: lowbitpack.solvers.solve_mckp over all rows of all selected weights with budget
-   floor(budget · Σ numel) stored bits (codes + codebooks + row_bits, see layouts/lowra.py).
+   floor(budget · Σ numel) stored bits (codes + codebooks + row_bits, see layouts/lowra.py), minimising
+   Σ_rows E[g_c²] · Σ_j E[x_j²] (w_cj − q_cj)² (a diagonal, Kronecker-factored Fisher estimate of the
+   loss increase; docs/LOWRA.md shows why the unweighted sum fails across layers).
 4. **Packing**: every weight is read again and packed with its rows' widths.
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..errors import InputError, OptionError
 from ..io.checkpoint import SourceCheckpoint
 from ..layouts.lowra import WIDTHS
 from ..qtensor import QuantizedTensor
-from ..schemes.lowra import LowRA, LowRAFit, row_cost_bits
+from ..schemes.lowra import OBJECTIVES, LowRA, LowRAFit, row_cost_bits
 from ..solvers import InfeasibleBudget, solve_mckp
 from .progress import progress_bar
 from .select import compile_modules, is_selected
@@ -66,24 +70,36 @@ def calibration_windows(tokenizer, calib: str | Path | None, samples: int, seqle
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
-@torch.no_grad()
-def collect_act_stats(model_dir: Path, names: list[str], windows: torch.Tensor, device: str,
-                      show_progress: bool = True, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """E[x_j²] per input feature of each selected linear (float64 [in]), from the full-precision model."""
+def collect_stats(model_dir: Path, names: list[str], windows: torch.Tensor, device: str,
+                  show_progress: bool = True, batch_size: int = 4,
+                  output_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Per selected linear: E[x_j²] per input feature (float64 [in]) of the full-precision model, and with
+    `output_grads` also E[g_c²] per output feature, g = ∂(LM loss)/∂y (one backward pass per batch)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model.requires_grad_(False)
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
+    gsums: dict[str, torch.Tensor] = {}
     counts: Counter = Counter()
     handles = []
 
-    def hook(name: str):
+    def pre_hook(name: str):
         def fn(module, args):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])
             sums[name] += x.double().pow(2).sum(0).cpu()
             counts[name] += x.shape[0]
+        return fn
+
+    def out_hook(name: str):
+        def acc(g):
+            gsums[name] += g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0).cpu()
+
+        def fn(module, args, y):
+            if y.requires_grad:
+                y.register_hook(acc)
         return fn
 
     try:
@@ -94,18 +110,41 @@ def collect_act_stats(model_dir: Path, names: list[str], windows: torch.Tensor, 
                                  "LowRA needs the input statistics of every quantized tensor", model_dir,
                                  "restrict --modules to linear layers")
             sums[name] = torch.zeros(mod.in_features, dtype=torch.float64)
-            handles.append(mod.register_forward_pre_hook(hook(name)))
+            handles.append(mod.register_forward_pre_hook(pre_hook(name)))
+            if output_grads:
+                gsums[name] = torch.zeros(mod.out_features, dtype=torch.float64)
+                handles.append(mod.register_forward_hook(out_hook(name)))
+        embed = model.get_input_embeddings()
         with progress_bar(show_progress) as bar:
             task = bar.add_task("LowRA statistics (tokens)", total=windows.numel())
             for i in range(0, len(windows), batch_size):
                 x = windows[i:i + batch_size].to(device)
-                model(input_ids=x, use_cache=False)
+                if output_grads:
+                    # Leaf input that requires grad: the graph (and the output hooks) exist although
+                    # no parameter is trained. The loss sums over tokens, so E[g²] is per token.
+                    with torch.enable_grad():
+                        emb = embed(x).detach().requires_grad_(True)
+                        logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1].float()
+                        loss = torch.nn.functional.cross_entropy(
+                            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+                        loss.backward()
+                else:
+                    with torch.no_grad():
+                        model(input_ids=x, use_cache=False)
                 bar.advance(task, x.numel())
     finally:
         for h in handles:
             h.remove()
         del model
-    return {n: sums[n] / max(counts[n], 1) for n in names}
+    act = {n: sums[n] / max(counts[n], 1) for n in names}
+    grads = {n: gsums[n] / max(counts[n], 1) for n in names} if output_grads else None
+    return act, grads
+
+
+def collect_act_stats(model_dir: Path, names: list[str], windows: torch.Tensor, device: str,
+                      show_progress: bool = True, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """E[x_j²] per input feature of each selected linear (float64 [in]), from the full-precision model."""
+    return collect_stats(model_dir, names, windows, device, show_progress, batch_size)[0]
 
 
 def _shape(model, name: str) -> tuple[int, ...]:
@@ -137,10 +176,18 @@ def check_budget(budget: float, shapes: dict[str, tuple[int, ...]], where: Path 
 
 
 def allocate_bits(fits: dict[str, LowRAFit], numels: dict[str, int], budget: float,
-                  where: Path | str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One exact allocation over all rows of all fitted weights; returns row widths per tensor + solver info."""
+                  where: Path | str | None = None,
+                  row_weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One exact allocation over all rows of all fitted weights; returns row widths per tensor + solver info.
+
+    Row r of tensor t costs `row_weights[t][r] · errors` (objective "fisher": E[g_r²] of its output);
+    without row weights the plain sum of weighted errors is minimised (objective "hessian-diag").
+    """
     order = list(fits)
-    errors = np.concatenate([fits[n].errors for n in order])
+    if row_weights is None:
+        errors = np.concatenate([fits[n].errors for n in order])
+    else:
+        errors = np.concatenate([fits[n].errors * row_weights[n].double().numpy()[:, None] for n in order])
     costs = np.concatenate([fits[n].costs for n in order])
     total = sum(numels[n] for n in order)
     budget_bits = int(math.floor(budget * total))
@@ -215,7 +262,9 @@ def lowra_quantize(src: str | Path, scheme: LowRA, *, modules: str | None = None
         raise InputError(f"cannot load the tokenizer ({e.__class__.__name__})", ckpt.path,
                          "LowRA calibration needs the tokenizer files next to config.json") from None
     windows = calibration_windows(tokenizer, calib, samples, seqlen, seed)
-    stats = collect_act_stats(ckpt.path, names, windows, device, show_progress)
+    # objective "fisher" needs E[g²] of every linear's outputs: one backward pass per calibration batch
+    stats, grads = collect_stats(ckpt.path, names, windows, device, show_progress,
+                                 output_grads=scheme.objective == "fisher")
     t_stats = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -227,7 +276,7 @@ def lowra_quantize(src: str | Path, scheme: LowRA, *, modules: str | None = None
             bar.advance(task, numels[name])
     t_fit = time.perf_counter() - t0
 
-    row_bits, solver = allocate_bits(fits, numels, scheme.budget, ckpt.path)
+    row_bits, solver = allocate_bits(fits, numels, scheme.budget, ckpt.path, row_weights=grads)
 
     t0 = time.perf_counter()
     out: dict[str, QuantizedTensor] = {}
@@ -253,12 +302,14 @@ def lowra_quantize(src: str | Path, scheme: LowRA, *, modules: str | None = None
                               "row_bits byte) / their weights; a row of width b and in inputs stores "
                               "8*ceil(in*b/8) + 16*2^b + 8 bits"),
         "bit_histogram": {str(b): int((all_rows == b).sum()) for b in WIDTHS},
-        "weighted_error": solver["objective"],
+        "objective_formula": OBJECTIVES[scheme.objective],
         "solver": solver,
         "calibration": {"source": str(calib) if calib is not None else "kjv:calib (Psalms)",
                         "samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed,
                         "tokens": int(windows.numel()), "device": device,
-                        "statistic": "E[x^2] per input feature of the full-precision model"},
+                        "statistics": "E[x^2] per input feature" + (
+                            ", E[g^2] per output feature (g = dLoss/dy, one backward pass per batch)"
+                            if grads is not None else "") + ", of the full-precision model"},
         "bit_map": summary,
         "lowra_timing": {"statistics_s": round(t_stats, 2), "fit_s": round(t_fit, 2),
                          "solve_s": solver["seconds"], "pack_s": round(t_pack, 2)},

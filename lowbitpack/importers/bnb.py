@@ -214,6 +214,5 @@ def import_bnb(src_dir: str | Path, out: str | Path, force: bool = False, progre
         # The artifact's config.json describes the dense model; the bnb config is kept in the manifest.
         cfg = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        writer.files["config.json"] = sha256_file(tmp / "config.json")  # the manifest hashes what is on disk
         manifest = writer.finish({"timing": {"seconds": round(time.perf_counter() - t0, 3)}})
     return manifest

@@ -2,13 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, OutputWriteError
+
+# errno values that mean "the output cannot be written here", as opposed to a bug or an unreadable input.
+_WRITE_ERRNOS = {errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_error(e: BaseException, out: Path) -> OutputWriteError | None:
+    """A one-line OutputWriteError for a failed write (OSError, or safetensors' wrapped I/O error), else None."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        reason = e.strerror or str(e)
+    elif type(e).__name__ == "SafetensorError" and "os error" in str(e):
+        reason = str(e).split("I/O error:")[-1].strip()
+    else:
+        return None
+    return OutputWriteError(f"cannot write the output ({reason})", out,
+                            "check free disk space, write permission and file size limits (ulimit -f)")
 
 
 def check_output(out: str | Path, force: bool) -> Path:
@@ -34,9 +50,12 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     Temp names start with `.` and end with `.partial` so that a crash leaves nothing that looks complete.
     """
     out = check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise (_write_error(e, out) or e) from None
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -52,10 +71,19 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             os.rename(tmp, out)
             shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
         else:
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError as e:  # a concurrent run renamed its output into place after our check
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise OutputExistsError("output appeared while we were writing (another run?)", out,
+                                        "re-run with --force to replace it") from None
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        werr = _write_error(e, out)
+        if werr is not None:
+            raise werr from None
         raise
 
 

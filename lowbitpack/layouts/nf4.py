@@ -120,10 +120,18 @@ def dequantize_nf4(tensors: dict[str, torch.Tensor], shape: tuple[int, ...], par
     n = 1
     for s in shape:
         n *= int(s)
-    codes = unpack_nibbles(tensors["qweight"], n)
+    packed = tensors["qweight"].reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed 4-bit weight has {packed.numel()} bytes, expected {(n + 1) // 2} for {n} elements")
     quant_map = tensors["quant_map"].float()
+    # One lookup per byte: pair_map[byte] = (value of the high nibble, value of the low nibble).
+    byte = torch.arange(256, device=packed.device)
+    pair_map = torch.stack([quant_map[byte >> 4], quant_map[byte & 0xF]], dim=1)
+    values = pair_map[packed.long()].reshape(-1)[:n]
     absmax = decode_absmax(tensors, params)
-    w = blockwise_scale(quant_map[codes.long()], absmax, int(params["blocksize"]))
+    w = blockwise_scale(values, absmax, int(params["blocksize"]))
     return w.reshape(shape).to(dtype)
 
 

@@ -7,14 +7,15 @@ the columns right of the current 128-column block are batched ("lazy batch updat
 makes it fast. Codes are asymmetric integers with one fp16 scale and one integer zero per group of
 `group_size` input columns, stored in layout `intg-v1`.
 
-Follows the reference implementation (IST-DASLab/gptq `gptq.py`, as continued by GPTQModel):
-dead columns (diag(H) == 0) are zeroed, `damp · mean(diag(H))` is added to the diagonal (raised in
-steps of 0.0025 until the Cholesky factorisation succeeds, like GPTQModel), and group parameters are
-computed when a group's first column is reached. With act-order, columns are processed by decreasing
-diag(H) and groups are formed in that processing order; `g_idx` maps each original column to its group
-(GPTQModel's `desc_act` convention). One deliberate difference: group parameters are computed from the
-group's *current* weights, including the in-block updates; the reference reads stale columns there
-when the group size is smaller than the block (the two agree when group_size is a multiple of 128).
+Follows the reference implementation (IST-DASLab/gptq `gptq.py`, as continued by GPTQModel): dead
+columns (diag(H) == 0) are zeroed, `damp · mean(diag(H))` is added to the diagonal (raised in steps of
+0.0025 until the Cholesky factorisation succeeds, as GPTQModel's damp_auto_increment does), and group
+parameters are computed when a group's first column is reached. With act-order, columns are processed
+by decreasing diag(H) and groups are formed in that processing order; `g_idx` maps each original column
+to its group (GPTQModel's `desc_act` convention). Group parameters come from the group's *current*
+weights, in-block updates included, as in GPTQModel's column loop (its block is a view of W); the
+original reference clones the block and so reads stale columns when the group is smaller than the
+block (all agree when group_size is a multiple of the 128-column block).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ..qtensor import QuantizedTensor
 from .base import Scheme
 from .rtn import rtn_scale_zero
 
-DAMP_STEP = 0.0025  # GPTQModel's damp_auto_increment
+DAMP_STEP = 0.0025  # step of the automatic increase (GPTQModel 7.6 uses 0.01 by default)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,9 @@ The codebook is rounded to fp16 (what is stored) and the codes are nearest-value
 fp16 values — the decision thresholds are the midpoints of adjacent codebook values, so they need not be
 stored. The error of each (row, width) is then exact for what is written.
 
-Bit allocation (which rows get 1, 2 or 4 bits) minimises Σ error subject to Σ stored bits ≤ budget·numel,
+Bit allocation (which rows get 1, 2 or 4 bits) minimises Σ_rows F_c·error_c (objective "fisher", F_c =
+E[g_c²] of the row's output, g = ∂loss/∂y; objective "hessian-diag": F_c = 1) subject to
+Σ stored bits ≤ budget·numel,
 where a row of width b stores exactly `row_cost_bits(in, b)` bits (codes + fp16 codebook + its row_bits
 byte, see layouts/lowra.py). `lowbitpack.solvers.solve_mckp` solves it exactly. The whole-model flow
 (lowbitpack.flows.lowra) allocates across all selected linears at once; `LowRA.quantize` on a single
@@ -33,6 +35,12 @@ from ..qtensor import QuantizedTensor
 from .base import Scheme
 
 FP16_MAX = 65504.0
+# What the bit allocation minimises (recorded in the manifest).
+OBJECTIVES = {
+    "fisher": "sum over rows c of E[g_c^2] * sum_j E[x_j^2] (w_cj - q_cj)^2, g = dLoss/dy_c (diagonal "
+              "Kronecker-factored empirical Fisher estimate of the loss increase)",
+    "hessian-diag": "sum over rows c of sum_j E[x_j^2] (w_cj - q_cj)^2 (layer-output error, GPTQ Hessian diagonal)",
+}
 
 
 def row_cost_bits(in_features: int, bits: int) -> int:
@@ -225,16 +233,19 @@ class LowRA(Scheme):
     name = "lowra"
     needs_calibration = True
 
-    def __init__(self, budget: float, *, damp: float = 0.01, max_iter: int = 100, dp_bins: int = 64,
-                 chunk_elems: int = 1 << 20):
+    def __init__(self, budget: float, *, objective: str = "fisher", damp: float = 0.01, max_iter: int = 100,
+                 dp_bins: int = 64, chunk_elems: int = 1 << 20):
         if not math.isfinite(budget) or budget <= 1.0:
             raise ValueError(f"LowRA budget must be above 1 bit per weight (every row stores at least 1 bit "
                              f"per weight plus its codebook), got {budget}")
         if budget > 16:
             raise ValueError(f"LowRA budget must be at most 16 bits per weight, got {budget}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"LowRA objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if damp < 0:
             raise ValueError(f"damp must be non-negative, got {damp}")
         self.budget = float(budget)
+        self.objective = objective
         self.damp = float(damp)
         self.max_iter = int(max_iter)
         self.dp_bins = int(dp_bins)
@@ -307,10 +318,12 @@ class LowRA(Scheme):
     # -- single tensor -----------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, act_stats: torch.Tensor | None = None,
                  hessian: torch.Tensor | None = None, row_bits: torch.Tensor | None = None,
-                 **calib: Any) -> QuantizedTensor:
+                 grad_stats: torch.Tensor | None = None, **calib: Any) -> QuantizedTensor:
         """Quantize one weight; without `row_bits`, allocate widths within it under `self.budget`.
 
         `act_stats` is E[x²] per input; a GPTQ `hessian` (∝ E[x xᵀ]) is accepted instead (its diagonal).
+        `grad_stats` (E[g²] per output row) weights the rows when objective is "fisher"; without it every
+        row counts alike (then both objectives agree within one tensor up to a constant).
         """
         if act_stats is None and hessian is not None:
             act_stats = torch.diagonal(hessian)
@@ -318,8 +331,14 @@ class LowRA(Scheme):
         if row_bits is None:
             from ..solvers import InfeasibleBudget, solve_mckp
             budget = int(math.floor(self.budget * weight.numel()))
+            errors = fit.errors
+            if grad_stats is not None and self.objective == "fisher":
+                g = grad_stats.detach().double().cpu().flatten().numpy()
+                if g.shape != (weight.shape[0],) or not np.isfinite(g).all() or (g < 0).any():
+                    raise ValueError(f"grad_stats must be {weight.shape[0]} finite non-negative values")
+                errors = errors * g[:, None]
             try:
-                sol = solve_mckp(fit.errors, fit.costs, budget)
+                sol = solve_mckp(errors, fit.costs, budget)
             except InfeasibleBudget as e:
                 least = e.min_cost / weight.numel()
                 raise ValueError(f"a LowRA budget of {self.budget} bits/weight is too small for a "
@@ -329,6 +348,7 @@ class LowRA(Scheme):
         return self.pack(weight, fit, row_bits)
 
     def config(self) -> dict[str, Any]:
-        return {"scheme": self.name, "budget": self.budget, "widths": list(WIDTHS), "codebook_dtype": "float16",
+        return {"scheme": self.name, "budget": self.budget, "objective": self.objective,
+                "widths": list(WIDTHS), "codebook_dtype": "float16",
                 "fit": "weighted Lloyd-Max (1 bit: exact)", "damp": self.damp, "max_iter": self.max_iter,
                 "dp_bins": self.dp_bins}
