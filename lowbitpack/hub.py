@@ -305,6 +305,36 @@ def _scrub(text: str, token: str | None) -> str:
     return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
 
 
+# Bounded retry of the repo/commit calls (huggingface_hub retries LFS transfers itself, not the commit).
+# Retried only where the request cannot have changed the repo: a 5xx answer (the server says it failed; a commit
+# is all-or-nothing) or a connection that was never established. A dropped connection or a timeout after the
+# request was sent is NOT retried: the commit may have landed, and re-running `push` is the safe, visible step.
+RETRY_STATUS = (500, 502, 503, 504)
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY = 1.0  # seconds; doubles per attempt (1, 2, 4)
+
+
+def _with_retries(call: Any) -> Any:
+    import time as _time
+
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(RETRY_ATTEMPTS):
+        last = attempt == RETRY_ATTEMPTS - 1
+        try:
+            return call()
+        except HfHubHTTPError as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status not in RETRY_STATUS or last:
+                raise
+        except (httpx2.ConnectError, httpx2.ConnectTimeout):
+            if last:
+                raise
+        _time.sleep(RETRY_BASE_DELAY * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def push(
     path: str | Path,
     repo_id: str,
@@ -363,11 +393,11 @@ def push(
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
     message = commit_message or f"Upload {len(ops)} files with lowbitpack {__version__}"
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        url = _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
         if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision,
-                                 repo_type="model")
+            _with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model"))
+        info = _with_retries(lambda: api.create_commit(repo_id, operations=ops, commit_message=message,
+                                                       revision=revision, repo_type="model"))
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = {401: "check the token (--token or HF_TOKEN, or `hf auth login`)",

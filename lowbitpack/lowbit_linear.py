@@ -267,7 +267,12 @@ def load_packed_model(artifact: str | Path | Artifact, dtype: torch.dtype = torc
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
     if not (art.path / "config.json").is_file():
         raise InputError("artifact has no config.json", art.path, "re-create it with `lowbitpack quantize`")
-    config = AutoConfig.from_pretrained(art.path)
+    try:
+        config = AutoConfig.from_pretrained(art.path)
+    except (ValueError, OSError, KeyError) as e:  # transformers' error for a config without model_type etc.
+        raise InputError(f"config.json is not a usable model config ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})", art.path / "config.json",
+                         "restore the source model's config.json") from None
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     modules = dict(model.named_modules())

@@ -311,3 +311,20 @@ def test_merge_cli(tmp_path):
     assert "fold_error mean" in res.output
     res = CliRunner().invoke(main, ["merge", str(bundle), "--restore", "16", "-o", str(tmp_path / "m")])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+# ---------------------------------------------------------------------------------------------- real model
+@pytest.mark.slow
+def test_restore16_on_smollm2_matches_peft(smollm2, tmp_path):
+    """SmolLM2-135M: a random r=8 adapter on q/v, bundled against the original, merged; the adapted tensors
+    equal PEFT's merge_and_unload within one bf16 ulp and the rest is byte-identical."""
+    adapter = peft_adapter(smollm2, tmp_path / "adapter", r=8, alpha=16)
+    lowbitpack.api.bundle(adapter, smollm2, tmp_path / "bundle", trained_on="int4")
+    m = lowbitpack.api.merge(tmp_path / "bundle", tmp_path / "m16", restore=16, progress=False)
+    assert m["original"]["verified_tensors"] == 60
+    ours, original = read_dir(tmp_path / "m16"), read_dir(smollm2)
+    theirs = peft_merged_state(smollm2, adapter)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.v_proj.weight"):
+        assert_within_one_bf16_ulp(ours[name], theirs[name])
+        assert not torch.equal(ours[name], original[name])
+    assert torch.equal(ours["model.layers.3.mlp.down_proj.weight"], original["model.layers.3.mlp.down_proj.weight"])

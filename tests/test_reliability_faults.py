@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,9 +88,9 @@ def complete_or_absent(out: Path, kind: str) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """(source, packed int4 artifact, bundle) of the tiny Llama, built once for this module."""
+    """(source, packed int4 artifact, bundle) of the tiny Llama, built once per session (tests copy before editing)."""
     base = tmp_path_factory.mktemp("world")
     src, packed = tiny_packed(base)
     adapter = peft_adapter(src, base / "adapter")
@@ -102,7 +101,6 @@ def world(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- SIGKILL
 QUANTIZE_KILLS = [
     ("lowbitpack.artifact:ArtifactWriter.add_quantized", 1, "first quantized tensor"),
-    ("lowbitpack.io.writer:ShardWriter.flush", 2, "second output shard flushed"),
     ("lowbitpack.io.atomic:os.rename", 1, "just before the temp dir is renamed into place"),
     ("lowbitpack.io.atomic:_fsync_dir", 2, "just after the rename (output complete)"),
 ]
@@ -123,7 +121,6 @@ def test_quantize_sigkill(world, tmp_path, target, k, when):
 
 
 MERGE_KILLS = [
-    ("lowbitpack.restore:save_file", 1, "first merged shard written"),
     ("lowbitpack.restore:_merge_manifest", 1, "all shards written, manifest not yet"),
     ("lowbitpack.io.atomic:_fsync_dir", 2, "just after the rename (output complete)"),
 ]
@@ -180,36 +177,18 @@ def test_quantize_file_size_limit(world, tmp_path):
     assert not (tmp_path / "q").exists() and leftovers(tmp_path, "q") == []
 
 
-@pytest.mark.reliability(kind="fault", command="quantize", what="read-only target directory (non-root writer)")
-def test_quantize_read_only_target(world):
+@pytest.mark.reliability(kind="fault", command="quantize", what="unwritable target (directory on read-only /sys)")
+def test_quantize_unwritable_target(world, tmp_path):
     src, _, _ = world
-    # root ignores permission bits: run the CLI as `nobody` on world-readable copies, in a dir made read-only
-    base = Path(tempfile.mkdtemp(prefix="lbp-ro-"))
-    try:
-        shutil.copytree(src, base / "src")
-        (base / "ro").mkdir()
-        for p in [base, *base.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        (base / "ro").chmod(0o555)
-        if os.geteuid() == 0:
-            def demote() -> None:
-                os.setgid(65534)
-                os.setuid(65534)
-        else:
-            demote = None  # type: ignore[assignment]
-        p = subprocess.run([sys.executable, "-m", "lowbitpack.cli", "quantize", str(base / "src"), "-o",
-                            str(base / "ro" / "q"), "--scheme", "int4", "--no-progress"], preexec_fn=demote,
-                           capture_output=True, text=True, env={**SUB_ENV, "HOME": str(base)}, cwd=base,
-                           timeout=300)
-        if p.returncode != 2 and "ModuleNotFoundError" in p.stderr:
-            pytest.skip("the venv is not readable by nobody")
-        assert p.returncode == 2, p.stderr[-2000:]
-        line = one_line_error(p.stderr)
-        assert "cannot write the output" in line and "Permission denied" in line
-        assert list((base / "ro").iterdir()) == []
-    finally:
-        (base / "ro").chmod(0o755)
-        shutil.rmtree(base, ignore_errors=True)
+    # root ignores permission bits, so use a filesystem nobody may write: sysfs refuses mkdir with EPERM
+    if os.access("/sys", os.W_OK) and not Path("/sys/class").is_dir():
+        pytest.skip("no read-only sysfs here")
+    out = Path("/sys/lowbitpack-reliability/q")
+    r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--scheme", "int4", "--no-progress"])
+    assert r.exit_code == 2, r.output
+    line = one_line_error(r.stderr)
+    assert "cannot write the output" in line and str(out) in line
+    assert not out.parent.exists()
 
 
 def _disk_full(*_a, **_k):

@@ -144,7 +144,7 @@ def open_export_source(path: str | Path) -> ExportSource:
     if not p.is_dir():
         raise InputError("no such directory", p, "pass a lowbitpack artifact or a Hugging Face model directory")
     if (p / MANIFEST).is_file():
-        art = Artifact.open(p)
+        art = Artifact.open(p, verify=True)  # a corrupted shard must not be exported as valid weights
         cfg_path = p / "config.json"
         if not cfg_path.is_file():
             raise InputError("artifact has no config.json", p, "re-create it with `lowbitpack quantize`")
