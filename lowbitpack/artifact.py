@@ -235,6 +235,15 @@ def validate_manifest(m: Any, where: Path) -> None:
     for shard in m["shards"]:
         if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
             raise InputError(f"manifest names a shard outside the artifact: {shard!r}", where, "re-create it")
+        info = m["shards"][shard]
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            raise InputError(f"shard record {shard!r} has no sha256", where, "the artifact is damaged; re-create it")
+    files = m.get("files", {})
+    if not isinstance(files, dict):
+        raise InputError("manifest field 'files' is not an object", where, "the artifact is damaged; re-create it")
+    for name, digest in files.items():
+        if "/" in name or "\\" in name or name.startswith(".") or not isinstance(digest, str):
+            raise InputError(f"malformed file record {name!r}", where, "the artifact is damaged; re-create it")
     for name, rec in m["tensors"].items():
         if not isinstance(rec, dict):
             raise InputError(f"tensor record {name!r} is not an object", where, "re-create the artifact")

@@ -297,6 +297,11 @@ def dense_hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.kron(known_hadamard(m, dtype), h) if m > 1 else h
 
 
+# Rows are transformed in chunks of about this many elements, so that the log2(n) butterfly passes run in cache
+# instead of streaming the whole matrix through memory once per pass (a 4096×4096 ΔW: ~10x faster here).
+_CHUNK_ELEMENTS = 1 << 17
+
+
 def wht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """Unnormalised WHT along the last dim: x @ M_nᵀ (or x @ M_n with `transpose`). Differentiable.
 
@@ -306,6 +311,16 @@ def wht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     n = x.shape[-1]
     m, p = hadamard_factors(n)
     lead = x.shape[:-1]
+    flat = x.reshape(-1, n)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // n)
+    if flat.shape[0] > rows_per_chunk:
+        parts = [_wht_rows(c, m, p, transpose) for c in flat.split(rows_per_chunk)]
+        return torch.cat(parts).reshape(*lead, n)
+    return _wht_rows(flat, m, p, transpose).reshape(*lead, n)
+
+
+def _wht_rows(x: torch.Tensor, m: int, p: int, transpose: bool) -> torch.Tensor:
+    """[rows, m·p] -> [rows, m·p]: butterflies on the 2^k factor, then the m-block."""
     y = x.reshape(-1, m, p)
     h = 1
     while h < p:
@@ -322,7 +337,7 @@ def wht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         rows = y.shape[0]
         y = (block.t() if transpose else block) @ y.transpose(0, 1).reshape(m, rows * p)
         y = y.reshape(m, rows, p).transpose(0, 1)
-    return y.reshape(*lead, n)
+    return y.reshape(-1, m * p)
 
 
 def iwht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -308,6 +308,30 @@ def test_gptqmodel_loads_v2_export(tmp_path, gptq_act_order_artifact):
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
+def test_partially_quantized_export_loads(tmp_path, tiny_src):
+    # Only the MLP quantized: attention linears stay dense, via `modules_in_block_to_quantize` (optimum /
+    # transformers) and `dynamic` negatives (GPTQModel).
+    gm = _gptqmodel()
+    from transformers import AutoModelForCausalLM
+    from lowbitpack.modeling import load_dequantized_model
+    path, _ = tiny_src
+    art = tmp_path / "art"
+    lowbitpack.quantize(path, art, "int4", group_size=32, modules=r"mlp\.\w+_proj\.weight$", progress=False)
+    ids = torch.tensor([[1, 50, 200, 30, 7, 99, 123, 17]])
+    with torch.no_grad():
+        ref = load_dequantized_model(art)(ids).logits
+    export_gptq(art, tmp_path / "v1", progress=False, version="v1")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "v1", dtype=torch.float16, device_map="cpu")
+    assert isinstance(m.model.layers[0].self_attn.q_proj, torch.nn.Linear) and hasattr(m.model.layers[0].mlp.up_proj, "qweight")
+    with torch.no_grad():
+        assert (m(ids).logits.float() - ref).abs().max() < 0.02 * ref.abs().max()
+    export_gptq(art, tmp_path / "v2", progress=False, version="v2")
+    g = gm.GPTQModel.load(str(tmp_path / "v2"), device="cpu", backend=gm.BACKEND.TORCH, dtype=torch.float16)
+    assert isinstance(g.model.model.layers[1].self_attn.o_proj, torch.nn.Linear)
+    with torch.no_grad():
+        assert (g.model(ids).logits.float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits,desc_act,fmt", [(4, True, "gptq"), (3, False, "gptq"), (2, True, "gptq_v2")])
 def test_import_gptqmodel_quantized(tmp_path, tiny_src, bits, desc_act, fmt):
