@@ -371,3 +371,17 @@ def test_lm_head_calibrated(tiny_model):
     assert list(res) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight",
                          "lm_head.weight"]
     assert scheme.seen[-1][1].shape == (64, 64)
+
+
+def test_nan_weight_named(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+    import shutil
+    path, calib = tiny_model
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"up_proj.weight holds NaN"):
+        cal.calibrated_quantize(bad, _Recording(), calib=calib, samples=2, seqlen=16, device="cpu",
+                                show_progress=False)

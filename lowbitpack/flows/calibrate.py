@@ -358,6 +358,9 @@ def calibrated_quantize(
                             raise InputError(f"{name} never ran during calibration", ckpt.path,
                                              "exclude it with --modules")
                         source_w = _read_tensors(ckpt, [name])[name]
+                        if not torch.isfinite(source_w).all():
+                            raise InputError(f"tensor {name} holds NaN or Inf values", ckpt.path,
+                                             "fix the checkpoint, or exclude the tensor with --modules")
                         qt, st = _quantize_with_hessian(scheme, source_w.to(dev), accs[n].hessian())
                         lin.weight.data = dequantize(qt, torch.float32).to(dev)
                         results[name] = _to_cpu(qt)
