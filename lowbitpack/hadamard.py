@@ -297,47 +297,67 @@ def dense_hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.kron(known_hadamard(m, dtype), h) if m > 1 else h
 
 
-# Rows are transformed in chunks of about this many elements, so that the log2(n) butterfly passes run in cache
-# instead of streaming the whole matrix through memory once per pass (4096×4096: 2-5x faster on a busy 2-core CPU).
-_CHUNK_ELEMENTS = 1 << 17
+# Radix of the butterfly stages: the 2^k factor is split into stages of at most 2^6 = 64 points, each one small
+# dense Sylvester block applied as a matmul. Fewer passes over memory than radix 2 (log2(n) passes of 3 tensor ops
+# each) at ≤ 64 multiply-adds per element and stage: 3x faster QWHA training steps on SmolLM2 on a CPU.
+_MAX_RADIX_BITS = 6
+# Rows are transformed in chunks of about this many elements so that the stages of a big matrix run in cache.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def stage_sizes(n: int) -> tuple[int, ...]:
+    """Axis sizes of the mixed-radix factorisation M_n = H_m ⊗ H_r1 ⊗ H_r2 ⊗ … (row-major), each r ≤ 64."""
+    m, p = hadamard_factors(n)
+    k = p.bit_length() - 1
+    stages = -(-k // _MAX_RADIX_BITS)
+    bits = [k // stages + (1 if i < k % stages else 0) for i in range(stages)] if stages else []
+    return tuple(([m] if m > 1 else []) + [1 << b for b in bits])
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester_int8(r: int) -> torch.Tensor:
+    return sylvester_hadamard(r, torch.int8)
 
 
 def wht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """Unnormalised WHT along the last dim: x @ M_nᵀ (or x @ M_n with `transpose`). Differentiable.
 
-    Works in x's dtype (use float32/64: the values grow by up to √n per row norm). The butterflies run on
-    the power-of-two factor (natural Sylvester order), then the m×m block mixes the m chunks of n/m.
+    Works in x's dtype (use float32/64: the values grow by up to √n per row norm). M_n = H_m ⊗ H_{2^k} is
+    applied as a mixed-radix butterfly: one stage per Kronecker factor (the m-block, then Sylvester blocks of
+    ≤ 64 points whose product is H_{2^k} in natural order), O(n·Σ stage sizes) per row, never an n×n matrix.
     """
     n = x.shape[-1]
-    m, p = hadamard_factors(n)
+    sizes = stage_sizes(n)
+    has_block = hadamard_factors(n)[0] > 1
     lead = x.shape[:-1]
     flat = x.reshape(-1, n)
+    if not sizes:  # n = 1: M = [1]
+        return x.clone()
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // n)
     if flat.shape[0] > rows_per_chunk:
-        parts = [_wht_rows(c, m, p, transpose) for c in flat.split(rows_per_chunk)]
+        parts = [_wht_rows(c, sizes, has_block, transpose) for c in flat.split(rows_per_chunk)]
         return torch.cat(parts).reshape(*lead, n)
-    return _wht_rows(flat, m, p, transpose).reshape(*lead, n)
+    return _wht_rows(flat, sizes, has_block, transpose).reshape(*lead, n)
 
 
-def _wht_rows(x: torch.Tensor, m: int, p: int, transpose: bool) -> torch.Tensor:
-    """[rows, m·p] -> [rows, m·p]: butterflies on the 2^k factor, then the m-block."""
-    y = x.reshape(-1, m, p)
-    h = 1
-    while h < p:
-        # pairs (i, i + h) inside blocks of 2h -> (a + b, a - b): the in-place FWHT, natural order
-        y = y.reshape(-1, m, p // (2 * h), 2, h)
-        a, b = y[:, :, :, 0, :], y[:, :, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=3)
-        h *= 2
-    y = y.reshape(-1, m, p)
-    if m > 1:
-        block = known_hadamard(m, y.dtype).to(y.device)
-        # row vector -> M v: (H_m ⊗ H_p) v = H_m applied across the m chunks; transpose uses H_mᵀ.
-        # One [m, m] @ [m, rows·p] product: a broadcast matmul would expand the block to [rows, m, m].
-        rows = y.shape[0]
-        y = (block.t() if transpose else block) @ y.transpose(0, 1).reshape(m, rows * p)
-        y = y.reshape(m, rows, p).transpose(0, 1)
-    return y.reshape(-1, m * p)
+def _wht_rows(x: torch.Tensor, sizes: tuple[int, ...], has_block: bool, transpose: bool) -> torch.Tensor:
+    """[rows, n] -> [rows, n] with the row index laid out as axes `sizes` (row-major).
+
+    Each stage applies its factor to the LAST axis (a plain [.., r] @ [r, r] product) and then moves that axis to
+    the front; after one stage per axis the layout is back in the original order. The known m-block is the first
+    axis, so it is transformed last; only it is not symmetric (transpose uses H_mᵀ)."""
+    rows, n = x.shape
+    y = x
+    for i, r in enumerate(reversed(sizes)):
+        if has_block and i == len(sizes) - 1:
+            a = known_hadamard(r, y.dtype).to(y.device)
+            a = a if transpose else a.t()  # row vectors: v·Aᵀ applies A; v·A applies Aᵀ
+        else:
+            a = _sylvester_int8(r).to(device=y.device, dtype=y.dtype)  # symmetric
+        y = y.reshape(-1, r) @ a
+        if len(sizes) > 1:
+            y = y.reshape(rows, n // r, r).transpose(1, 2)
+    return y.reshape(rows, n)
 
 
 def iwht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -22,4 +22,6 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_first_command_installs_into_repo_venv():
     first = _readme_commands()[0]
     assert first.startswith("python3 -m venv .venv")
-    assert "lowbitpack" in first
+    assert '.venv/bin/pip install -q -e ".[dev]"' in first
+    script = first.rsplit(".venv/bin/python ", 1)[1].split()[0]
+    assert (ROOT / script).is_file()
