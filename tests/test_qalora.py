@@ -13,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lowbitpack
-from lowbitpack.adapters import get_kind
 from lowbitpack.adapters.qalora import (fold_incompatibility, fold_into_offsets, group_constants, pooled_forward,
                                         qalora_delta, qalora_layer_class)
 from lowbitpack.artifact import Artifact
