@@ -85,7 +85,8 @@ class QwhaLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = S·M / n (float32), what `lowbitpack merge` adds to the restored base."""
+        """ΔW = S·M / n of the current spectrum (float32): what this layer adds to its base. (Merges onto a restored
+        base add the learned part only, see `lowbitpack.adapters.qwha`.)"""
         return qwha_delta(self.qwha_spectrum, self.qwha_indices, self.scaling, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
