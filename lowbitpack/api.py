@@ -28,12 +28,19 @@ def quantize(
     force: bool = False,
     progress: bool = True,
     max_shard_size: int = 2 * 1024**3,
+    nproc: int | None = None,
 ) -> dict[str, Any]:
     """Quantize the HF checkpoint `src` (local dir or Hub id) into a packed artifact at `out`.
 
     Returns the artifact manifest (dict). Calibrated schemes (gptq*, lowra) read `calib` text (default:
     the offline KJV calibration split) for `calib_samples` sequences of `calib_seqlen` tokens.
+    `nproc=N` runs N local ranks with torch.distributed (as under torchrun, which also works): same artifact
+    bytes for RTN/NF4, see docs/SCALING.md.
     """
+    if nproc is not None and nproc != 1:  # launch N ranks; each runs this function with RANK/WORLD_SIZE set
+        call = {k: v for k, v in locals().items() if k != "nproc"}  # every parameter, as given
+        from .dist import launch_quantize
+        return launch_quantize(nproc, call)
     if scheme not in SCHEMES:
         raise OptionError(f"unknown scheme {scheme!r}", None, f"choose one of {', '.join(SCHEMES)}")
     if group_size is not None and group_size < 1:
@@ -45,8 +52,12 @@ def quantize(
         sch = make_scheme(scheme, group_size=group_size, bits=bits, **opts)
     except ValueError as e:
         raise OptionError(str(e), None, "see `lowbitpack quantize --help`") from None
+    from .dist import context_from_env
+    par = context_from_env(device)  # one rank of several (torchrun / --nproc), else None
     precomputed = None
     extra = None
+    if par is not None and scheme == "lowra":
+        raise OptionError("--scheme lowra does not run distributed yet", None, "run it without --nproc / torchrun")
     if scheme == "lowra":
         # Global two-pass flow: statistics of all layers -> one exact bit allocation -> packing.
         from .flows.lowra import lowra_quantize
@@ -60,9 +71,15 @@ def quantize(
             device=device, show_progress=progress)
     elif sch.needs_calibration:
         from .flows.calibrate import calibrated_quantize
+        if par is not None:
+            par.check_output(out, force)  # fail before minutes of calibration, not after
         precomputed, extra = calibrated_quantize(
             src, sch, modules=modules, calib=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
-            device=device, show_progress=progress)
+            device=device if par is None else par.device, show_progress=progress,
+            **({} if par is None else {"parallel": par.calibration()}))
+    if par is not None:  # divided reading, quantizing and writing; byte-identical artifact (lowbitpack.dist)
+        return par.write_artifact(src, out, sch, modules=modules, force=force, show_progress=progress,
+                                  max_shard_bytes=max_shard_size, precomputed=precomputed, extra_quantization=extra)
     return quantize_checkpoint(src, out, sch, modules=modules, force=force, show_progress=progress,
                                max_shard_bytes=max_shard_size, precomputed=precomputed,
                                extra_quantization=extra)
@@ -74,12 +91,16 @@ def inspect(path: str | Path) -> dict[str, Any]:
 
 
 def verify(path: str | Path) -> dict[str, Any]:
-    """Check every file of an artifact against the sha256 recorded in its manifest; raises IntegrityError."""
+    """Check every file of an artifact, bundle, merge or export output against the sha256 recorded in its manifest;
+    raises IntegrityError."""
     from .artifact import MANIFEST, Artifact
     from .errors import InputError
     p = Path(path)
     if not p.is_dir():
         raise InputError("no such directory", p, "pass an artifact, bundle or merge output directory")
+    from .export.hf import EXPORT_MANIFEST, export_is_outermost, verify_export
+    if export_is_outermost(p):  # an export (e.g. of a merged checkpoint, whose merge record it copied)
+        return verify_export(p)
     merge_manifest = p / "lowbitpack_merge.json"
     if merge_manifest.is_file():  # merge outputs: every file's sha256 (+ the artifact's own check for PLR-j)
         from .restore import verify_merge_output
@@ -91,8 +112,63 @@ def verify(path: str | Path) -> dict[str, Any]:
     if (p / BUNDLE_MANIFEST).is_file():
         b = open_bundle(p)  # checks every file's sha256 and the adapter against the recorded base
         return {"path": str(p), "kind": "bundle", "files_checked": len(b.manifest["files"]), "ok": True}
+    if (p / EXPORT_MANIFEST).is_file():  # export outputs: every file's sha256 from lowbitpack_export.json
+        return verify_export(p)
     raise InputError("nothing to verify: no lowbitpack manifest here", p,
-                     "pass an artifact, bundle or merge output directory")
+                     "pass an artifact, bundle, merge or export output directory")
+
+
+IMPORT_FORMATS = ("bnb", "gptq", "compressed-tensors")
+
+
+def import_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    format: str = "auto",
+    *,
+    force: bool = False,
+    progress: bool = True,
+    max_shard_size: int = 2 * 1024**3,
+) -> dict[str, Any]:
+    """Convert a checkpoint quantized by another tool (bitsandbytes 4/8-bit, GPTQ, compressed-tensors
+    pack-quantized; local dir or Hub id) into a lowbitpack artifact at `out`, codes carried over unchanged.
+
+    `format="auto"` reads `quantization_config.quant_method` in config.json (or a GPTQ quantize_config.json).
+    The artifact then works like one from `quantize`: `export`, `train`, `bundle` and, with its `hf` export as the
+    16-bit original, `merge --restore 16`. Returns the artifact manifest.
+    """
+    import json
+
+    from .errors import InputError
+    from .io.checkpoint import resolve_model_path
+    if format not in ("auto", *IMPORT_FORMATS):
+        raise OptionError(f"unknown import format {format!r}", None,
+                          f"choose auto or one of {', '.join(IMPORT_FORMATS)}")
+    path = resolve_model_path(src)
+    if format == "auto":
+        try:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            cfg = {}
+        qm = str(((cfg if isinstance(cfg, dict) else {}).get("quantization_config") or {}).get("quant_method", ""))
+        format = {"bitsandbytes": "bnb", "gptq": "gptq", "compressed-tensors": "compressed-tensors"}.get(qm, "")
+        if not format and (path / "quantize_config.json").is_file():
+            format = "gptq"
+        if not format:
+            raise InputError(f"config.json names no importable quantization (quant_method {qm or 'missing'!r})",
+                             path / "config.json", "pass a bitsandbytes, GPTQ or compressed-tensors checkpoint, or "
+                             "quantize a full-precision one with `lowbitpack quantize`")
+    if format == "bnb":
+        from .importers.bnb import import_bnb as fn
+    elif format == "gptq":
+        from .importers.gptq import import_gptq as fn
+    else:
+        from .importers.compressed_tensors import import_compressed_tensors as fn
+    res = fn(path, out, force=force, progress=progress, max_shard_size=max_shard_size)
+    if "format_version" not in res:  # the compressed-tensors importer returns a summary: give the manifest
+        from .artifact import MANIFEST
+        res = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
+    return res
 
 
 def default_model(refresh: bool = False) -> Path:
@@ -143,16 +219,18 @@ def push(
     license: str | None = None,
     commit_message: str | None = None,
     card: str = "auto",
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Upload `path` to the Hub model repo `repo_id` in one commit with a generated model card (README.md).
 
     `card`: auto (keep a person's README.md, regenerate lowbitpack's), generate, keep. `dry_run=True` returns
     the file list and the card without contacting the Hub. The token (or HF_TOKEN / the saved login) is never
-    printed or returned.
+    printed or returned. `timeout`: seconds any single wait on the Hub may take (default $LOWBITPACK_HUB_TIMEOUT
+    or 120), so a Hub that stops answering fails the push instead of hanging it.
     """
     from .hub import push as _push
     return _push(path, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
-                 endpoint=endpoint, license=license, commit_message=commit_message, card=card)
+                 endpoint=endpoint, license=license, commit_message=commit_message, card=card, timeout=timeout)
 
 
 def train(

@@ -70,19 +70,25 @@ def _print_json(obj) -> None:
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (fraction of mean diag).")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available) for calibration.")
+@click.option("--nproc", type=int, default=None,
+              help="Run N local ranks with torch.distributed (gloo on CPU, NCCL on GPUs); torchrun works too.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--no-progress", is_flag=True)
 @handle_errors
 def quantize(src, out, scheme, group_size, bits, modules, calib, calib_samples, calib_seqlen, seed, damp,
-             act_order, device, force, as_json, no_progress):
+             act_order, device, nproc, force, as_json, no_progress):
     """Quantize the HF checkpoint SRC (directory or Hub id) into a packed artifact. SRC may be `default`
     for the offline SmolLM2-135M-Instruct."""
     if src == "default":
         src = str(api.default_model())
     manifest = api.quantize(src, out, scheme, group_size=group_size, bits=bits, modules=modules, calib=calib,
                             calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, damp=damp,
-                            act_order=act_order, device=device, force=force, progress=not no_progress)
+                            act_order=act_order, device=device, force=force, progress=not no_progress,
+                            nproc=nproc)
+    from .dist import is_rank_zero
+    if not is_rank_zero():  # under torchrun: rank 0 reports
+        return
     summary = api.inspect(out)["totals"]
     result = {"out": out, "scheme": scheme, "seconds": manifest.get("timing", {}).get("seconds"), **summary}
     if as_json:
@@ -131,7 +137,7 @@ def inspect(path, as_json, show_all):
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def verify(path, as_json):
-    """Check every file of an artifact or bundle against the hashes in its manifest."""
+    """Check every file of an artifact, bundle, merge or export output against the hashes in its manifest."""
     res = api.verify(path)
     if as_json:
         _print_json(res)
@@ -148,6 +154,27 @@ def default_model(refresh):
 
 
 _EXPORT_CHOICES = ("hf", "bnb-nf4", "bnb-int8", "gptq", "compressed-tensors", "gguf")
+
+
+@main.command("import")
+@click.argument("src")
+@click.option("-o", "--out", required=True, help="Output artifact directory (must not exist unless --force).")
+@click.option("--format", "fmt", type=click.Choice(("auto", "bnb", "gptq", "compressed-tensors")), default="auto",
+              show_default=True, help="Input kind; auto reads quantization_config.quant_method in config.json.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the artifact manifest as JSON on stdout.")
+@click.option("--no-progress", is_flag=True)
+@handle_errors
+def import_cmd(src, out, fmt, force, as_json, no_progress):
+    """Convert a bitsandbytes / GPTQ / compressed-tensors checkpoint SRC (directory or Hub id) into an artifact,
+    codes unchanged."""
+    m = api.import_checkpoint(src, out, fmt, force=force, progress=not no_progress)
+    if as_json:
+        _print_json(m)
+        return
+    q, s = m.get("quantization", {}), m.get("summary", {})
+    console.print(f"[green]wrote[/] {out} (imported from {q.get('imported_from', fmt)}, scheme {q.get('scheme')}, "
+                  f"{s.get('params_quantized', 0):,} of {s.get('params_total', 0):,} parameters quantized)")
 
 
 @main.command("export")
@@ -213,12 +240,14 @@ def export_cmd(path, fmt, out, dtype, gguf_type, embed_type, exact, strict, forc
 @click.option("--message", default=None, help="Commit message.")
 @click.option("--card", type=click.Choice(("auto", "generate", "keep")), default="auto", show_default=True,
               help="README.md: auto keeps a hand-written one and regenerates lowbitpack's.")
+@click.option("--timeout", type=float, default=None,
+              help="Seconds any single wait on the Hub may take (default: LOWBITPACK_HUB_TIMEOUT or 120).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (without the card).")
 @handle_errors
-def push_cmd(path, repo_id, private, revision, dry_run, token, endpoint, license_, message, card, as_json):
+def push_cmd(path, repo_id, private, revision, dry_run, token, endpoint, license_, message, card, timeout, as_json):
     """Upload PATH (artifact, bundle or export) to the Hub repo REPO_ID in one commit, with a model card."""
     res = api.push(path, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
-                   endpoint=endpoint, license=license_, commit_message=message, card=card)
+                   endpoint=endpoint, license=license_, commit_message=message, card=card, timeout=timeout)
     if as_json:
         _print_json({k: v for k, v in res.items() if k != "card"})
         return

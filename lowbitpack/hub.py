@@ -12,11 +12,12 @@ before the commit. The token is passed to huggingface_hub only; it is never prin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import InputError, LowbitpackError, OptionError
 from .version import __version__
@@ -79,6 +80,14 @@ def _license_from_readme(path: Path) -> str | None:
         if lic:
             return lic.group(1).strip("'\"")
     return None
+
+
+def _license_from_dir(path: Path) -> str | None:
+    """The license a local artifact or checkpoint directory records (manifest, source marker, README)."""
+    art = _read_json(path / "lowbitpack.json") or {}
+    marker = _read_json(path / "lowbitpack_source.json") or {}
+    lic = (art.get("source") or {}).get("license") if isinstance(art.get("source"), dict) else None
+    return lic or marker.get("license") or _license_from_readme(path)
 
 
 def describe(path: str | Path) -> RepoDescription:
@@ -166,6 +175,8 @@ def describe(path: str | Path) -> RepoDescription:
     if d.target and d.target not in d.tags:
         d.tags.append(d.target)
     scheme, bits = quant.get("scheme"), quant.get("bits")
+    if not bits and isinstance(scheme, str) and (mb := re.search(r"[a-z](\d+)$", scheme)):
+        bits = int(mb.group(1))  # nf4, int8, gptq3 ...: the width is in the name (imported artifacts omit it)
     if scheme:
         d.tags.append(str(scheme))
     if isinstance(bits, (int, float)) and not isinstance(bits, bool) and bits:
@@ -176,6 +187,11 @@ def describe(path: str | Path) -> RepoDescription:
         src_path = _find_key(artifact or export or {}, "path")
         if isinstance(src_path, str) and Path(src_path).is_dir():
             d.license = _license_from_readme(Path(src_path))
+    if d.license is None and bundle is not None:  # a bundle records where its base artifact and source live
+        base = bundle.get("base") if isinstance(bundle.get("base"), dict) else {}
+        for cand in ((base.get("artifact") or {}).get("path"), base.get("source_path")):
+            if d.license is None and isinstance(cand, str) and Path(cand).is_dir():
+                d.license = _license_from_dir(Path(cand))
     d.tags = list(dict.fromkeys(["lowbitpack", *d.tags]))
     rows: list[tuple[str, str]] = []
     if d.base_model or d.base_revision:
@@ -314,6 +330,95 @@ RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY = 1.0  # seconds; doubles per attempt (1, 2, 4)
 
 
+# Bounded waits. huggingface_hub's shared httpx client has no timeout (`timeout=None`), so a Hub (or proxy) that
+# accepts the connection and then never answers would hang `push` forever. During a push every request gets at
+# most TIMEOUT_CONNECT s to connect and `timeout` s (default DEFAULT_TIMEOUT, env LOWBITPACK_HUB_TIMEOUT, option
+# --timeout) between bytes read or written: a stall fails with one line instead. The bound is per wait, not per
+# upload, so large files at any speed still go through. huggingface_hub retries LFS transfers after a timeout
+# (up to 5 times, with backoff), so a stalled LFS upload fails after at most ~6·timeout + 30 s; a stalled commit
+# or create_repo after `timeout` (not retried: the request may have landed).
+TIMEOUT_ENV = "LOWBITPACK_HUB_TIMEOUT"
+DEFAULT_TIMEOUT = 120.0
+TIMEOUT_CONNECT = 15.0
+
+
+def resolve_timeout(timeout: float | None) -> float:
+    """The per-wait bound in seconds: the argument, else $LOWBITPACK_HUB_TIMEOUT, else DEFAULT_TIMEOUT."""
+    import os
+
+    where = "--timeout"
+    if timeout is None:
+        raw = os.environ.get(TIMEOUT_ENV)
+        if raw in (None, ""):
+            return DEFAULT_TIMEOUT
+        where = TIMEOUT_ENV
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise OptionError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds", None,
+                              f"set {TIMEOUT_ENV} to e.g. 120, or unset it") from None
+    if not (timeout > 0 and timeout < 1e6):
+        raise OptionError(f"{where} must be a positive number of seconds, got {timeout!r}", None, "e.g. 120")
+    return float(timeout)
+
+
+def _bounded_transport(inner: Any, read: float, connect: float) -> Any:
+    """Wrap an httpx transport so that every request has finite connect/read/write/pool timeouts (huggingface_hub
+    passes `timeout=None` on many calls, which overrides any client default: only the transport sees them all)."""
+    import httpx2
+
+    class _Bounded(httpx2.BaseTransport):
+        def handle_request(self, request: Any) -> Any:
+            t = dict(request.extensions.get("timeout") or {})
+            for key, bound in (("connect", connect), ("read", read), ("write", read), ("pool", read)):
+                if t.get(key) is None or t[key] > bound:
+                    t[key] = bound
+            request.extensions = {**request.extensions, "timeout": t}
+            return inner.handle_request(request)
+
+        def close(self) -> None:
+            inner.close()
+
+        def __enter__(self) -> Any:
+            inner.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            inner.__exit__(*exc)
+
+    return _Bounded()
+
+
+@contextlib.contextmanager
+def bounded_hub_session(timeout: float) -> Iterator[None]:
+    """Within the block, huggingface_hub's shared client bounds every wait (see TIMEOUT_ENV above); the previous
+    client factory is restored afterwards."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = _http._GLOBAL_CLIENT_FACTORY
+    connect = min(TIMEOUT_CONNECT, timeout)
+
+    def factory() -> Any:
+        client = previous()
+        if hasattr(client, "_transport"):
+            client._transport = _bounded_transport(client._transport, timeout, connect)
+            mounts = getattr(client, "_mounts", None)
+            if isinstance(mounts, dict):
+                for k, v in list(mounts.items()):
+                    if v is not None:
+                        mounts[k] = _bounded_transport(v, timeout, connect)
+        else:  # an unexpected client type: at least its default timeout
+            client.timeout = timeout
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
 def _with_retries(call: Any) -> Any:
     import time as _time
 
@@ -347,8 +452,12 @@ def push(
     license: str | None = None,
     commit_message: str | None = None,
     card: str = "auto",
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Upload the directory `path` to the model repo `repo_id` in one commit, with a generated README.md.
+
+    `timeout`: seconds any single wait on the Hub may take (connect: at most 15 s); default $LOWBITPACK_HUB_TIMEOUT
+    or 120. A Hub that stops answering makes push fail with a HubError instead of hanging.
 
     `card`: "auto" keeps a README.md written by a person and replaces one lowbitpack wrote earlier (bundle /
     merge cards, tagged `lowbitpack`) by the full card; "generate" always writes ours; "keep" uploads an existing
@@ -357,6 +466,7 @@ def push(
     """
     if card not in ("auto", "generate", "keep"):
         raise OptionError(f"unknown card mode {card!r}", None, "use auto, generate or keep")
+    bound = resolve_timeout(timeout)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise InputError("no such directory", path, "pass the directory to upload (an artifact, bundle or export)")
@@ -392,12 +502,19 @@ def push(
     if not has_readme:
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
     message = commit_message or f"Upload {len(ops)} files with lowbitpack {__version__}"
+    import httpx2
+
     try:
-        url = _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
-        if revision and revision != "main":
-            _with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model"))
-        info = _with_retries(lambda: api.create_commit(repo_id, operations=ops, commit_message=message,
-                                                       revision=revision, repo_type="model"))
+        with bounded_hub_session(bound):
+            url = _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+            if revision and revision != "main":
+                _with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model"))
+            info = _with_retries(lambda: api.create_commit(repo_id, operations=ops, commit_message=message,
+                                                           revision=revision, repo_type="model"))
+    except httpx2.TimeoutException as e:
+        raise HubError(f"upload failed (no answer from the Hub within {bound:g} s: {e.__class__.__name__})", repo_id,
+                       f"check the endpoint and your network, or raise the bound with --timeout / {TIMEOUT_ENV}; "
+                       "re-running push is safe") from None
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = {401: "check the token (--token or HF_TOKEN, or `hf auth login`)",

@@ -303,7 +303,7 @@ def load_packed_model(artifact: str | Path | Artifact, dtype: torch.dtype = torc
     tied = _tied_names(model)
     packed = {f"{n}.{_BUFFER_PREFIX}{k}" for n, m in lowbit_modules(model).items() for k in m._keys}
     packed |= {f"{n}.dtype_probe" for n in lowbit_modules(model)}
-    missing = [m for m in missing if m not in tied and m not in packed]
+    missing = [m for m in missing if m not in tied and m not in packed and m not in swapped]
     if unexpected:
         raise InputError(f"artifact tensors unknown to the model: {unexpected[:3]}", art.path,
                          "the artifact does not match its config.json; re-create it")

@@ -48,12 +48,14 @@ def render(data: dict, seconds: float | None, command: str) -> str:
              f"- pytest exit status: {data['exitstatus']}", "",
              "What each kind asserts:", "",
              "- **fault**: after the fault the target is absent or complete (`verify` passes), no `.NAME.*.partial`"
-             " temp dir is left when the process survives, errors are one line, and a re-run succeeds.",
+             " temp dir is left when the process survives, errors are one line, and a re-run succeeds; after a"
+             " SIGKILL the next run to the same target removes the dead writer's temp dir (same host, pid gone).",
              "- **bad_input**: the CLI exits 2 with one `error:` line naming the file and no traceback, and"
              " writes nothing; fuzzed manifests either load or raise a `LowbitpackError` subclass.",
              "- **hub**: safe calls are retried with bounded backoff, a commit lands whole or not at all, the"
              " token appears in no output, log record or error, and a re-run after the fault commits once.",
-             "- **integrity**: a byte flipped in any file a manifest records makes `lowbitpack verify` fail.", "",
+             "- **integrity**: a byte flipped in any file a manifest records (artifact, bundle, merge output, and"
+             " every export target through `lowbitpack_export.json`) makes `lowbitpack verify` fail.", "",
              "## Summary", "", "| kind | tried | handled (survived / detected) | not handled | skipped |", "| --- | ---: | ---: | ---: | ---: |"]
     for kind, (title, verb) in TITLES.items():
         rs = by_kind.get(kind, [])

@@ -36,13 +36,16 @@ def _marker_fields(item: pytest.Item) -> dict[str, Any] | None:
     if kind not in KINDS:
         raise pytest.UsageError(f"{item.nodeid}: reliability kind must be one of {KINDS}, got {kind!r}")
     what = str(kw.get("what", item.name))
+    command = str(kw.get("command", "-"))
     # parametrized tests: one row per parameter set, the id says which
     callspec = getattr(item, "callspec", None)
+    if callspec is not None and "{" in command:
+        command = command.format(**{k: v for k, v in callspec.params.items()})
     if callspec is not None and "{" in what:
         what = what.format(**{k: v for k, v in callspec.params.items()})
-    elif callspec is not None:
+    elif callspec is not None and "{" not in str(kw.get("command", "")):
         what = f"{what} [{callspec.id}]"
-    return {"kind": kind, "what": what, "command": str(kw.get("command", "-"))}
+    return {"kind": kind, "what": what, "command": command}
 
 
 @pytest.hookimpl(hookwrapper=True)

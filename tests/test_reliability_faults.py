@@ -261,3 +261,60 @@ def test_two_processes_race(world, tmp_path):
     loser = next(err for rc, err in results if rc == 2)
     assert "already exists" in one_line_error(loser) or "appeared while we were writing" in loser
     assert lowbitpack.api.verify(out)["ok"] and leftovers(tmp_path, "q") == []
+
+
+# ---------------------------------------------------------------------------------------------- stale temp dirs
+SWEEP_KILLS = [
+    ("quantize", "lowbitpack.artifact:ArtifactWriter.add_quantized", 2,
+     "lowbitpack.quantize({src!r}, {out!r}, 'int4', group_size=32, progress=False)\n"),
+    ("export", "lowbitpack.io.writer:ShardWriter.add", 3,
+     "lowbitpack.api.export({packed!r}, {out!r}, 'hf', progress=False)\n"),
+    ("merge", "lowbitpack.restore:_merge_manifest", 1,
+     "lowbitpack.api.merge({bundle!r}, {out!r}, restore=16, progress=False)\n"),
+]
+
+
+@pytest.mark.parametrize("command,target,k,body", SWEEP_KILLS, ids=[c[0] for c in SWEEP_KILLS])
+@pytest.mark.reliability(kind="fault", command="{command}",
+                         what="SIGKILL leaves a .partial temp dir: the next run to the target sweeps it")
+def test_next_run_sweeps_stale_temp_dirs_of_dead_writers(world, tmp_path, command, target, k, body):
+    from lowbitpack.io.atomic import temp_name
+
+    src, packed, bundle = world
+    out = tmp_path / "o"
+    p = kill_at(target, k, body.format(src=str(src), packed=str(packed), bundle=str(bundle), out=str(out)), tmp_path)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    stale = leftovers(tmp_path, "o")
+    assert len(stale) == 1 and stale[0].endswith(".partial") and not out.exists(), stale
+    # entries the sweep must leave alone: a live writer (this test's parent process), another host, an old name
+    live = temp_name(out).with_name(temp_name(out).name.replace(f"-{os.getpid()}-", f"-{os.getppid()}-"))
+    other_host = tmp_path / f".o.00000000-{2**22 + 12345}-abcdef01.partial"
+    old_style = tmp_path / ".o.abcdef01.partial"
+    for d in (live, other_host, old_style):
+        d.mkdir()
+    if command == "quantize":
+        lowbitpack.quantize(src, out, "int4", group_size=32, progress=False)
+    elif command == "export":
+        lowbitpack.api.export(packed, out, "hf", progress=False)
+    else:
+        lowbitpack.api.merge(bundle, out, restore=16, progress=False)
+    assert lowbitpack.api.verify(out)["ok"]
+    assert leftovers(tmp_path, "o") == sorted(d.name for d in (live, other_host, old_style))  # the dead one is gone
+
+
+def test_sweep_keeps_unrelated_and_live_entries(tmp_path):
+    """Only `.NAME.<this host>-<dead pid>-<8 hex>.partial|.old` siblings of the target go."""
+    from lowbitpack.io.atomic import sweep_stale, temp_name
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that existed and is now dead
+    mine = temp_name(out)
+    dead = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{proc.pid}-"))
+    dead_old = dead.with_suffix(".old")
+    keep = [mine, tmp_path / ".other.partial", tmp_path / f".o2{dead.name[2:]}", tmp_path / "o.partial"]
+    for d in [dead, dead_old, *keep]:
+        d.mkdir()
+    removed = sweep_stale(out)
+    assert sorted(removed) == sorted([dead, dead_old])
+    assert all(d.exists() for d in keep) and not dead.exists() and not dead_old.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,7 +29,7 @@ _REAL_SLEEP = time.sleep  # tests shorten huggingface_hub's backoff sleeps (a gl
 
 class _FaultyHandler(_Handler):
     """Before a route runs, pop the next planned fault for it: an HTTP status, "drop" (read the request, close
-    the socket without answering) or ("slow", seconds)."""
+    the socket without answering), "stall" (read the request, never answer) or ("slow", seconds)."""
 
     def _route(self, method: str) -> None:
         import re
@@ -51,6 +52,13 @@ class _FaultyHandler(_Handler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if fault == "stall":  # read the request, then never answer (until the test's server shuts down)
+            self._body()
+            with self.state.lock:
+                self.state.requests.append((method, path))
+            self.server.release.wait(120)
+            self.close_connection = True
+            return
         if isinstance(fault, tuple) and fault[0] == "slow":
             _REAL_SLEEP(fault[1])
         super()._route(method)
@@ -62,6 +70,11 @@ class FaultyHubServer(HubServer):
         self.RequestHandlerClass = _FaultyHandler
         self.faults: dict[str, list] = {k: list(v) for k, v in (faults or {}).items()}
         self.injected: dict[str, list] = defaultdict(list)
+        self.release = threading.Event()  # ends "stall" faults
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        super().__exit__(*exc)
 
 
 @pytest.fixture
@@ -174,3 +187,69 @@ def test_push_to_closed_port(env, caplog):
     assert "upload failed" in one_line_error(r.stderr)
     assert time.perf_counter() - t0 < 30  # bounded retries
     _assert_no_token(r.stdout, r.stderr, caplog=caplog)
+
+
+# ---------------------------------------------------------------------------------------------- stalls
+STALL_TIMEOUT = 2.0
+STALLS = [
+    ("Hub stops answering create_repo", {"create": ["stall"]}, False),
+    ("Hub stops answering the commit", {"commit": ["stall"]}, False),
+    ("Hub stops answering one LFS upload (PUT)", {"lfs_put": ["stall"]}, True),
+]
+
+
+@pytest.mark.parametrize("what,faults,succeeds", STALLS, ids=[c[0] for c in STALLS])
+@pytest.mark.reliability(kind="hub", command="push", what="{what} (--timeout 2)")
+def test_push_stalled_hub_fails_within_the_bound(env, caplog, what, faults, succeeds):
+    """huggingface_hub's client has no timeout of its own: without push's bound these would hang forever."""
+    art = env
+    with FaultyHubServer(faults=faults, required_token=TOKEN) as server:
+        t0 = time.perf_counter()
+        r = CliRunner().invoke(main, ["push", str(art), REPO, "--endpoint", server.url, "--token", TOKEN, "--json",
+                                      "--timeout", str(STALL_TIMEOUT)])
+        elapsed = time.perf_counter() - t0
+        _assert_no_token(r.stdout, r.stderr, caplog=caplog)
+        for route in faults:
+            assert server.injected[route], f"the fault on {route} never triggered"
+        if succeeds:  # huggingface_hub retries an LFS transfer after a timeout: the push goes through
+            assert r.exit_code == 0, r.output[-2000:]
+            assert server.state.commit_count(REPO) == 1
+            _assert_committed_whole(server, art)
+            assert elapsed < 8 * STALL_TIMEOUT + 10, elapsed
+            return
+        assert r.exit_code == 2, r.output[-2000:]
+        line = one_line_error(r.stderr)
+        assert f"no answer from the Hub within {STALL_TIMEOUT:g} s" in line and "--timeout" in line, line
+        assert elapsed < 3 * STALL_TIMEOUT + 10, elapsed  # one bounded wait (+ process start), not a hang
+        assert REPO not in server.state.repos or server.state.commit_count(REPO) == 0
+        server.faults.clear()
+        r2 = _push_cli(art, server.url)
+        assert r2.exit_code == 0, r2.output[-2000:]
+        assert server.state.commit_count(REPO) == 1
+        _assert_committed_whole(server, art)
+
+
+@pytest.mark.reliability(kind="hub", command="push", what="stalled commit, bound from LOWBITPACK_HUB_TIMEOUT")
+def test_push_timeout_from_environment(env, monkeypatch):
+    art = env
+    monkeypatch.setenv(hub_mod.TIMEOUT_ENV, "1.5")
+    with FaultyHubServer(faults={"commit": ["stall"]}, required_token=TOKEN) as server:
+        t0 = time.perf_counter()
+        with pytest.raises(HubError, match="within 1.5 s"):
+            api.push(art, REPO, token=TOKEN, endpoint=server.url)
+        assert time.perf_counter() - t0 < 15
+    monkeypatch.setenv(hub_mod.TIMEOUT_ENV, "soon")
+    from lowbitpack.errors import OptionError
+    with pytest.raises(OptionError, match=hub_mod.TIMEOUT_ENV):
+        api.push(art, REPO, token=TOKEN, endpoint="http://127.0.0.1:9")
+    with pytest.raises(OptionError, match="positive"):
+        api.push(art, REPO, token=TOKEN, endpoint="http://127.0.0.1:9", timeout=0)
+
+
+def test_bounded_session_is_restored_after_push(env):
+    """push installs its bounded client only for its own duration."""
+    from huggingface_hub.utils import _http
+    before = _http._GLOBAL_CLIENT_FACTORY
+    with FaultyHubServer(required_token=TOKEN) as server:
+        api.push(env, REPO, token=TOKEN, endpoint=server.url, timeout=5)
+    assert _http._GLOBAL_CLIENT_FACTORY is before

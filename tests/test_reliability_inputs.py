@@ -263,7 +263,18 @@ def verified_outputs(world, tmp_path_factory):  # noqa: F811
     base = tmp_path_factory.mktemp("verify")
     lowbitpack.api.merge(world[2], base / "m16", restore=16, progress=False)
     lowbitpack.api.merge(world[2], base / "plr8", restore=8, progress=False)
-    return {"artifact": world[1], "bundle": world[2], "merge": base / "m16", "merge-plr8": base / "plr8"}
+    outs = {"artifact": world[1], "bundle": world[2], "merge": base / "m16", "merge-plr8": base / "plr8"}
+    # exports: every target records the sha256 of what it wrote in lowbitpack_export.json
+    for fmt in ("hf", "compressed-tensors", "bnb-nf4"):
+        lowbitpack.api.export(world[1], base / f"export-{fmt}", fmt, progress=False)
+        outs[f"export-{fmt}"] = base / f"export-{fmt}"
+    from tests.test_export_gguf import _tiny as gguf_tiny  # a byte-level BPE tokenizer, which GGUF needs
+    g32 = base / "int4-g32"
+    lowbitpack.api.quantize(gguf_tiny(base), g32, "int4", group_size=32, progress=False)
+    for fmt in ("gguf", "gptq"):  # GPTQ kernels take groups of 2^k only
+        lowbitpack.api.export(g32, base / f"export-{fmt}", fmt, progress=False)
+        outs[f"export-{fmt}"] = base / f"export-{fmt}"
+    return outs
 
 
 def _recorded_files(kind: str, d: Path) -> list[str]:
@@ -272,10 +283,13 @@ def _recorded_files(kind: str, d: Path) -> list[str]:
         return sorted(m["shards"]) + sorted(m["files"])
     if kind == "bundle":
         return sorted(json.loads((d / BM).read_text())["files"])
+    if kind == "export":
+        return sorted(json.loads((d / "lowbitpack_export.json").read_text())["files"])
     return sorted(json.loads((d / "lowbitpack_merge.json").read_text())["files"])
 
 
-@pytest.mark.parametrize("kind", ["artifact", "bundle", "merge", "merge-plr8"])
+@pytest.mark.parametrize("kind", ["artifact", "bundle", "merge", "merge-plr8", "export-hf", "export-compressed-tensors",
+                                  "export-bnb-nf4", "export-gguf", "export-gptq"])
 @pytest.mark.reliability(kind="integrity", command="verify", what="a flipped byte in each recorded file of a {kind}")
 def test_verify_detects_a_flipped_byte_in_every_file(verified_outputs, tmp_path, kind):
     d = verified_outputs[kind]
@@ -285,7 +299,7 @@ def test_verify_detects_a_flipped_byte_in_every_file(verified_outputs, tmp_path,
     assert res["ok"] and res["kind"] == kind.split("-")[0]
     files = _recorded_files(kind.split("-")[0], d)
     assert res["files_checked"] == len(files) or kind == "artifact"
-    assert any(f.endswith(".safetensors") for f in files)
+    assert any(f.endswith((".safetensors", ".gguf")) for f in files)
     for name in files:
         bad = _copy(d, tmp_path / f"bad-{name}")
         size = (bad / name).stat().st_size
@@ -295,3 +309,35 @@ def test_verify_detects_a_flipped_byte_in_every_file(verified_outputs, tmp_path,
         line = one_line_error(r.stderr)
         assert name in line or "sha256" in line, line
         shutil.rmtree(bad)
+
+
+EXPORT_RECORD_EDITS = [
+    ("record without file hashes (older lowbitpack)", lambda m: m.pop("files"), "no file hashes"),
+    ("record listing a '..' path", lambda m: m["files"].update({"../outside.json": {"sha256": "0" * 64}}),
+     "malformed file record"),
+    ("record listing a missing file", lambda m: m["files"].update({"gone.safetensors": {"sha256": "0" * 64}}),
+     "missing"),
+    ("record of a newer format_version", lambda m: m.update(format_version=2), "newer"),
+]
+
+
+@pytest.mark.parametrize("what,edit,msg", EXPORT_RECORD_EDITS, ids=[e[0] for e in EXPORT_RECORD_EDITS])
+@pytest.mark.reliability(kind="bad_input", command="verify", what="export: {what}")
+def test_verify_export_refuses_bad_records(verified_outputs, tmp_path, what, edit, msg):
+    d = _copy(verified_outputs["export-hf"], tmp_path / "e")
+    m = json.loads((d / "lowbitpack_export.json").read_text())
+    edit(m)
+    (d / "lowbitpack_export.json").write_text(json.dumps(m))
+    r = CliRunner().invoke(main, ["verify", str(d)])
+    assert r.exit_code == 2, r.output
+    line = one_line_error(r.stderr)
+    assert msg in line and str(d) in line, line
+
+
+@pytest.mark.reliability(kind="integrity", command="verify", what="export: a truncated shard")
+def test_verify_export_detects_truncation(verified_outputs, tmp_path):
+    d = _copy(verified_outputs["export-hf"], tmp_path / "e")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    r = CliRunner().invoke(main, ["verify", str(d)])
+    assert r.exit_code == 2 and "model.safetensors" in one_line_error(r.stderr)

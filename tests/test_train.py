@@ -155,6 +155,33 @@ def test_load_packed_model_matches_dequantized_model_without_dense_weights(tmp_p
         torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_load_packed_model_keeps_linear_biases_of_qwen2(tmp_path):
+    """Qwen2 has q/k/v biases: they ride inside LowBitLinear and must not be reported missing."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lowbitpack.modeling import load_dequantized_model
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True)
+    src = tmp_path / "qwen2"
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()          # random init leaves biases at zero: make them matter
+    model.save_pretrained(src)
+    packed = tmp_path / "packed"
+    lowbitpack.api.quantize(src, packed, "int4", group_size=32, progress=False)
+    loaded = load_packed_model(packed, torch.float32)
+    mods = lowbit_modules(loaded)
+    assert sum(m.bias is not None for m in mods.values()) == 6        # q/k/v of 2 layers
+    ref = load_dequantized_model(packed, torch.float32)
+    x = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, ref(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_load_packed_model_refuses_non_artifact(tmp_path):
     src = tiny_source(tmp_path)
     with pytest.raises(InputError, match="not a lowbitpack artifact"):

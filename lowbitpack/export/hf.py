@@ -18,10 +18,11 @@ import torch
 from safetensors import safe_open
 
 from ..artifact import MANIFEST, Artifact, dtype_from_name
-from ..errors import InputError, OptionError
+from ..errors import FormatVersionError, InputError, IntegrityError, OptionError
 from ..flows.progress import progress_bar
 from ..io.atomic import atomic_dir, check_output
 from ..io.checkpoint import SIDECAR_FILES, SourceCheckpoint
+from ..io.hashing import sha256_file
 from ..io.writer import ShardWriter
 from ..version import __version__
 
@@ -177,16 +178,88 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def _file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """{name: {sha256, bytes}} of every file the exporter wrote (everything in `directory` but the record)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(directory.rglob("*")):
+        rel = f.relative_to(directory).as_posix()
+        if rel == EXPORT_MANIFEST or f.is_dir() or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        out[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return out
+
+
 def write_export_manifest(directory: Path, target: str, source: ExportSource, report: dict[str, Any]) -> dict:
-    """lowbitpack_export.json: what was exported, from what, and how exact it is (formats/export-v1.md)."""
+    """lowbitpack_export.json: what was exported, from what, how exact it is, and the sha256 of every file written
+    (`files`, checked by `lowbitpack verify`; formats/export-v1.md). Call it last, when every file is written."""
     manifest = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
         "producer": {"name": "lowbitpack", "version": __version__},
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": target, "input": source.provenance(), "report": report,
+        "files": _file_records(directory),
     }
     write_json(directory / EXPORT_MANIFEST, manifest)
     return manifest
+
+
+def export_is_outermost(path: str | Path) -> bool:
+    """Whether `path` is an export whose record covers the other lowbitpack manifests there (an export of a merged
+    checkpoint copies its lowbitpack_merge.json; a `merge --format X` output instead records lowbitpack_export.json
+    in its merge manifest). Such a directory is verified against lowbitpack_export.json."""
+    p = Path(path)
+    try:
+        m = json.loads((p / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    files = m.get("files") if isinstance(m, dict) else None
+    if not isinstance(files, dict):
+        return False
+    others = [f.name for f in p.glob("lowbitpack*.json") if f.name != EXPORT_MANIFEST]
+    return all(name in files for name in others)
+
+
+def verify_export(path: str | Path) -> dict[str, Any]:
+    """Check an export directory against the sha256 of every file in its lowbitpack_export.json.
+
+    Raises InputError (no / malformed record, or one written before records carried hashes), FormatVersionError
+    (newer format) or IntegrityError (a recorded file missing, a symbolic link, or with different bytes)."""
+    p = Path(path)
+    mpath = p / EXPORT_MANIFEST
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("no lowbitpack_export.json here", p, "pass a directory written by `lowbitpack export`") \
+            from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"export record is not valid JSON ({e.__class__.__name__})", mpath,
+                         "the export is damaged; re-run `lowbitpack export`") from None
+    if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT or not isinstance(m.get("format_version"), int) \
+            or isinstance(m.get("format_version"), bool):
+        raise InputError(f"not a {EXPORT_FORMAT} record", mpath, "pass a directory written by `lowbitpack export`")
+    if m["format_version"] > EXPORT_FORMAT_VERSION:
+        raise FormatVersionError(f"format_version {m['format_version']} is newer than this lowbitpack reads "
+                                 f"({EXPORT_FORMAT_VERSION})", mpath, "upgrade lowbitpack: pip install -U lowbitpack")
+    files = m.get("files")
+    if not isinstance(files, dict) or not files:
+        raise InputError("export record lists no file hashes (written by an older lowbitpack)", mpath,
+                         "re-run `lowbitpack export` to get a verifiable output")
+    root = p.resolve()
+    for name, info in files.items():
+        if (not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name
+                or any(part in ("", ".", "..") or part.startswith(".") for part in name.split("/"))
+                or not isinstance(info, dict) or not isinstance(info.get("sha256"), str)):
+            raise InputError(f"malformed file record {name!r}", mpath, "re-run `lowbitpack export`")
+        f = p / name
+        if f.is_symlink() or not f.is_file() or root not in f.resolve().parents:
+            raise IntegrityError("missing (or a symbolic link)", f, "restore the file or re-run `lowbitpack export`")
+        if isinstance(info.get("bytes"), int) and f.stat().st_size != info["bytes"]:
+            raise IntegrityError(f"size {f.stat().st_size} differs from the export record ({info['bytes']})", f,
+                                 "the file was truncated or modified; re-run `lowbitpack export`")
+        if sha256_file(f) != info["sha256"]:
+            raise IntegrityError("sha256 differs from the export record", f,
+                                 "the file was modified or corrupted; re-run `lowbitpack export`")
+    return {"path": str(p), "kind": "export", "target": m.get("target"), "files_checked": len(files), "ok": True}
 
 
 def export_hf(

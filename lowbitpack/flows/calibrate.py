@@ -245,6 +245,7 @@ def calibrated_quantize(
     device: str | None = None,
     show_progress: bool = True,
     batch_size: int = 8,
+    parallel: Any = None,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
     """Quantize every selected linear of `src`'s decoder layers with calibration Hessians.
 
@@ -311,7 +312,11 @@ def calibrated_quantize(
     keys = [_layer_key(layer) for layer in originals]
     batches: list[torch.Tensor] = []
     calls: list[dict[Any, tuple]] = []
+    if parallel is not None:  # torch.distributed (lowbitpack.dist): each rank runs its share of the batches
+        parallel.check_batches(samples, batch_size)
     for b0 in range(0, samples, batch_size):
+        if parallel is not None and not parallel.owns_batch(b0 // batch_size):
+            continue
         store: dict[str, Any] = {"kwargs": {}}
         for i in range(n_layers):
             layers[i] = _Recorder(i, keys[i], store, last=i == n_layers - 1)
@@ -351,6 +356,8 @@ def calibrated_quantize(
                     finally:
                         for h in hooks:
                             h.remove()
+                    solved = None if parallel is None else parallel.solve_group(  # all-reduced H, split solve
+                        scheme, ckpt, prefix, group, accs, dev, {n: tuple(linears[n].weight.shape) for n in group})
                     for n in group:
                         name = f"{prefix}{n}.weight"
                         lin = linears[n]
@@ -361,7 +368,8 @@ def calibrated_quantize(
                         if not torch.isfinite(source_w).all():
                             raise InputError(f"tensor {name} holds NaN or Inf values", ckpt.path,
                                              "fix the checkpoint, or exclude the tensor with --modules")
-                        qt, st = _quantize_with_hessian(scheme, source_w.to(dev), accs[n].hessian())
+                        qt, st = (solved[n] if solved is not None
+                                  else _quantize_with_hessian(scheme, source_w.to(dev), accs[n].hessian()))
                         lin.weight.data = dequantize(qt, torch.float32).to(dev)
                         results[name] = _to_cpu(qt)
                         stats[name] = st
@@ -373,7 +381,7 @@ def calibrated_quantize(
             layer_seconds.append(round(time.perf_counter() - t_layer, 3))
         if lm_head_name is not None:
             results[lm_head_name], stats[lm_head_name] = _quantize_lm_head(
-                scheme, ckpt, lm_head_name, base, batches, dev)
+                scheme, ckpt, lm_head_name, base, batches, dev, parallel)
 
     extra: dict[str, Any] = {
         "calibration": {**source, "samples": samples, "seqlen": seqlen, "seed": seed, "tokens": n_tokens,
@@ -401,7 +409,7 @@ def _accumulate_hook(acc: HessianAccumulator, stop: bool):
 
 
 def _quantize_lm_head(scheme: Scheme, ckpt: SourceCheckpoint, name: str, base: nn.Module,
-                      batches: list[torch.Tensor], dev: torch.device):
+                      batches: list[torch.Tensor], dev: torch.device, parallel: Any = None):
     """lm_head's inputs are the final-norm outputs of the last layer."""
     norm = getattr(base, "norm", None)
     if norm is None:
@@ -410,7 +418,8 @@ def _quantize_lm_head(scheme: Scheme, ckpt: SourceCheckpoint, name: str, base: n
     acc = HessianAccumulator(w.shape[1], dev)
     for hb in batches:
         acc.add(norm(hb))
-    qt, st = _quantize_with_hessian(scheme, w.to(dev), acc.hessian())
+    h = acc.hessian() if parallel is None else parallel.hessian(acc)  # every rank solves it (small)
+    qt, st = _quantize_with_hessian(scheme, w.to(dev), h)
     return _to_cpu(qt), st
 
 
