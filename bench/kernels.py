@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -111,7 +112,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--shapes", default="", help="e.g. 4096x4096,14336x4096 (default: the four standard ones)")
+    ap.add_argument("--ms", default="1,8", help="GEMV batch sizes (rows of x)")
+    ap.add_argument("--warps", default="", help="also time our GEMVs with LOWBITPACK_GEMV_WARPS forced to each of "
+                                                 "these (e.g. 4,8,16); methods get a -w<N> suffix")
+    ap.add_argument("--no-dequant", action="store_true", help="skip the dequantization timings")
+    ap.add_argument("--no-baselines", action="store_true", help="skip cuBLAS and bitsandbytes GEMV timings")
     args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    warps_variants = [""] + [w for w in args.warps.split(",") if w]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
 
     ext = cuda_ext.load()
@@ -131,7 +139,7 @@ def main() -> None:
         "gpu": gpu, "gpu_slug": slug(gpu), "sm_count": props.multi_processor_count, "l2_bytes": l2,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "bitsandbytes": getattr(bnb, "__version__", None), "python": platform.python_version(),
-        "command": " ".join(sys.argv), "reps": args.reps, "inner": args.inner, "group_size": GROUP,
+        "command": " ".join(sys.argv), "gemv_warps_policy": "auto (cuda/gemv_core.cuh gemv_warps)", "reps": args.reps, "inner": args.inner, "group_size": GROUP,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [], "checks": [],
     }
     copy = copy_bandwidth(args.reps)
@@ -189,10 +197,11 @@ def main() -> None:
             print(f"nf4 dequant bit-identical to bitsandbytes at {shape}: {same}")
             del ref, mine
             out_bytes = nf4_bytes + dense_bytes
-            t = time_op(lambda i: ext.nf4_dequant(*ours_nf4_args(i), torch.bfloat16), n_c, deq_inner, args.reps)
-            record("dequant", shape, "ours-nf4", t, out_bytes)
-            t = time_op(lambda i: F.dequantize_4bit(*nf4_copies[i % n_c]), n_c, deq_inner, args.reps)
-            record("dequant", shape, "bnb-nf4", t, out_bytes)
+            if not args.no_dequant:
+                t = time_op(lambda i: ext.nf4_dequant(*ours_nf4_args(i), torch.bfloat16), n_c, deq_inner, args.reps)
+                record("dequant", shape, "ours-nf4", t, out_bytes)
+                t = time_op(lambda i: F.dequantize_4bit(*nf4_copies[i % n_c]), n_c, deq_inner, args.reps)
+                record("dequant", shape, "bnb-nf4", t, out_bytes)
 
         # ---------------- intg (RTN-like random codes, fp16 scales, uint8 zeros, g128)
         intg = {}
@@ -212,8 +221,9 @@ def main() -> None:
             def deq(i, cp=cp, bits=bits, n_c=n_c):
                 q, s, z = cp[i % n_c]
                 return ext.intg_dequant(q, s, z, None, None, out_f, in_f, bits, GROUP, torch.bfloat16)
-            t = time_op(deq, n_c, deq_inner, args.reps)
-            record("dequant", shape, f"ours-int{bits}", t, nbytes + dense_bytes)
+            if not args.no_dequant:
+                t = time_op(deq, n_c, deq_inner, args.reps)
+                record("dequant", shape, f"ours-int{bits}", t, nbytes + dense_bytes)
 
         # ---------------- LowRA: rows of width 1, 2, 4 in equal shares (about 2.3 bits a weight), fp16 codebooks
         row_bits = torch.tensor([1, 2, 4], device="cuda", dtype=torch.uint8)[
@@ -226,25 +236,34 @@ def main() -> None:
         lowra_bytes = sum(c.numel() for c in lowra_codes) + sum(c.numel() * 2 for c in lowra_books) + out_f
         n_lc = copies_for(lowra_bytes, l2)
         lowra = [([c.clone() for c in lowra_codes], lowra_books, lowra_maps) for _ in range(n_lc)]
-        t = time_op(lambda i: ext.lowra_dequant(*lowra[i % n_lc], out_f, in_f, torch.bfloat16), n_lc, deq_inner,
-                    args.reps)
-        record("dequant", shape, "ours-lowra", t, lowra_bytes + dense_bytes)
+        if not args.no_dequant:
+            t = time_op(lambda i: ext.lowra_dequant(*lowra[i % n_lc], out_f, in_f, torch.bfloat16), n_lc, deq_inner,
+                        args.reps)
+            record("dequant", shape, "ours-lowra", t, lowra_bytes + dense_bytes)
 
         # ---------------- GEMV
         n_dense = copies_for(dense_bytes, l2)
         dense = [w] + [w.clone() for _ in range(n_dense - 1)]
-        for m in (1, 8):
+        for m, wv in [(m, wv) for m in ms for wv in warps_variants]:
+            if wv:
+                os.environ["LOWBITPACK_GEMV_WARPS"] = wv
+            else:
+                os.environ.pop("LOWBITPACK_GEMV_WARPS", None)
+            sfx = f"-w{wv}" if wv else ""
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
             res = {}
-            t = time_op(lambda i: torch.matmul(x, dense[i % n_dense].t()), n_dense, args.inner, args.reps)
-            res["cublas"] = record("gemv", shape, "cublas-bf16", t, dense_bytes + x.numel() * 2, m)
+            if not args.no_baselines and not wv:
+                t = time_op(lambda i: torch.matmul(x, dense[i % n_dense].t()), n_dense, args.inner, args.reps)
+                res["cublas"] = record("gemv", shape, "cublas-bf16", t, dense_bytes + x.numel() * 2, m)
             if F is not None:
                 n_c = len(nf4_copies)
-                t = time_op(lambda i: bnb.matmul_4bit(x, nf4_copies[i % n_c][0].t(), quant_state=nf4_copies[i % n_c][1]),
-                            n_c, args.inner, args.reps)
-                res["bnb"] = record("gemv", shape, "bnb-nf4", t, nf4_bytes, m)
+                if not args.no_baselines and not wv:
+                    t = time_op(lambda i: bnb.matmul_4bit(x, nf4_copies[i % n_c][0].t(),
+                                                          quant_state=nf4_copies[i % n_c][1]),
+                                n_c, args.inner, args.reps)
+                    res["bnb"] = record("gemv", shape, "bnb-nf4", t, nf4_bytes, m)
                 t = time_op(lambda i: ext.nf4_gemv(x, *ours_nf4_args(i)), n_c, args.inner, args.reps)
-                res["ours_nf4"] = record("gemv", shape, "ours-nf4", t, nf4_bytes, m)
+                res["ours_nf4"] = record("gemv", shape, "ours-nf4" + sfx, t, nf4_bytes, m)
                 # accuracy: ours vs dense product of bnb's dequantized weight
                 wd = F.dequantize_4bit(*nf4_copies[0])
                 yref = (x.double() @ wd.double().t())
@@ -252,7 +271,8 @@ def main() -> None:
                 y_bnb = bnb.matmul_4bit(x, nf4_copies[0][0].t(), quant_state=nf4_copies[0][1]).double()
                 rel = lambda y: float((y - yref).norm() / yref.norm())  # noqa: E731
                 report["checks"].append({"check": "gemv rel err vs fp64 of dequantized W", "shape": list(shape),
-                                         "m": m, "ours_nf4": rel(y_ours), "bnb_nf4": rel(y_bnb)})
+                                         "m": m, "warps": wv or "auto", "ours_nf4": rel(y_ours),
+                                         "bnb_nf4": rel(y_bnb)})
                 del wd
             for bits in (4, 3, 2):
                 cp, nbytes = intg[bits]
@@ -262,15 +282,16 @@ def main() -> None:
                     q, s, z = cp[i % n_c]
                     return ext.intg_gemv(x, q, s, z, None, None, out_f, in_f, bits, GROUP)
                 t = time_op(gv, n_c, args.inner, args.reps)
-                res[f"int{bits}"] = record("gemv", shape, f"ours-int{bits}", t, nbytes, m)
+                res[f"int{bits}"] = record("gemv", shape, f"ours-int{bits}" + sfx, t, nbytes, m)
             t = time_op(lambda i: ext.lowra_gemv(x, *lowra[i % n_lc], out_f, in_f), n_lc, args.inner, args.reps)
-            res["lowra"] = record("gemv", shape, "ours-lowra", t, lowra_bytes, m)
-            cub = res["cublas"].get("graph_us")
+            res["lowra"] = record("gemv", shape, "ours-lowra" + sfx, t, lowra_bytes, m)
+            cub = res["cublas"].get("graph_us") if "cublas" in res else None
             for k, v in res.items():
                 if k != "cublas" and cub and v.get("graph_us"):
                     v["speedup_vs_cublas"] = cub / v["graph_us"]
             if "bnb" in res and res["bnb"].get("graph_us") and res["ours_nf4"].get("graph_us"):
                 res["ours_nf4"]["speedup_vs_bnb"] = res["bnb"]["graph_us"] / res["ours_nf4"]["graph_us"]
+        os.environ.pop("LOWBITPACK_GEMV_WARPS", None)
         del dense, nf4_copies, intg, w, lowra
         torch.cuda.empty_cache()
 

@@ -86,6 +86,43 @@ __device__ __forceinline__ uint4 ldg_stream16(const void* p) {
   return v;
 }
 
+// __byte_perm: result byte i = byte sel.nibble[i] of the 8-byte {hi:lo} (0-3: lo, 4-7: hi). One PRMT.
+__device__ __forceinline__ uint32_t prmt(uint32_t lo, uint32_t hi, uint32_t sel) { return __byte_perm(lo, hi, sel); }
+
+// fp32 load from a 32-bit shared-memory address (the address is built with one PRMT by the decoders).
+// volatile: keeps it after the __syncthreads that publishes the table.
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 2^23 + q for the byte `b` (0..3) of `bytes`, whose bytes each hold one code: one PRMT (bytes 1-3 of the
+// result come from the constant 0x4B000000). With the magic_u2f convention below, exact for q < 256.
+__device__ __forceinline__ float magic_byte(uint32_t bytes, int b) {
+  return __uint_as_float(prmt(bytes, 0x4B000000u, 0x7650u | static_cast<uint32_t>(b)));
+}
+
+// Codes of B bits (B = 1, 2, 4, 8), LSB-first in 32-code chunks of B words. Code c of the chunk sits in
+// byte code_byte_index<B>(c) of code_bytes<B>(w, c): (word >> B*k) & (mask in every byte) holds codes
+// k, k + 8/B, ... of the word, one per byte. The masked words are the same for all codes that share a k,
+// so in unrolled loops they cost about B/8 + 1/4 instructions per code.
+template <int B>
+__device__ __forceinline__ uint32_t code_bytes(const uint32_t (&w)[B], int c) {
+  static_assert(B == 1 || B == 2 || B == 4 || B == 8, "byte-aligned widths only");
+  constexpr int per_word = 32 / B, per_byte = 8 / B;
+  const uint32_t word = w[c / per_word];
+  const int k = (c % per_word) % per_byte;
+  return (word >> (B * k)) & (0x01010101u * ((1u << B) - 1u));
+}
+template <int B>
+__device__ __forceinline__ constexpr uint32_t code_byte_index(int c) {
+  return static_cast<uint32_t>((c % (32 / B)) / (8 / B));
+}
+
 // D = A(16x16, row) * B(16x8, col) + D, fp32 accumulate. Fragment ownership (PTX ISA, m16n8k16):
 // lane = 4*g + t; a0:(row g, k 2t..2t+1) a1:(g+8, 2t..) a2:(g, 2t+8..) a3:(g+8, 2t+8..);
 // b0:(k 2t..2t+1, n g) b1:(k 2t+8.., n g); c0,c1:(row g, n 2t, 2t+1) c2,c3:(row g+8, n 2t, 2t+1).

@@ -59,7 +59,7 @@ struct IntgDecoder {
     }
   }
 
-  __device__ __forceinline__ State state(const Raw& r, int64_t, int64_t, const float*) const {
+  __device__ __forceinline__ State state(const Raw& r, int64_t, int, int64_t, const float*) const {
     State st{0.f, 0.f};
     if constexpr (UNIFORM) {
       st.s = bits_to_float(r.s_bits, p.scale_dtype);
@@ -69,19 +69,30 @@ struct IntgDecoder {
     return st;
   }
 
-  __device__ __forceinline__ void decode4(const uint32_t (&w)[B], const State& st, int j, int64_t row,
-                                          int64_t col0, const float*, float (&out)[4]) const {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int c = 4 * j + k;
-      // Code c of the 32 in w[]: bits [c*B, c*B + B) of the little-endian word stream.
+  // 2^23 + code c (0..31) of the chunk, as a float (the magic_u2f convention).
+  __device__ __forceinline__ static float code_magic(const uint32_t (&w)[B], int c) {
+    if constexpr (B == 2 || B == 4 || B == 8) {
+      // One mask per word and shift (shared by the unrolled decode8 calls), then one PRMT per code.
+      return magic_byte(code_bytes<B>(w, c), static_cast<int>(code_byte_index<B>(c)));
+    } else {
       const int bit = c * B, wi = bit >> 5, off = bit & 31;
       uint32_t q = w[wi] >> off;
-      if (off + B > 32) q |= w[wi + 1] << (32 - off);
-      q &= (1u << B) - 1u;
+      if (off + B > 32) q = __funnelshift_r(w[wi], w[wi + 1], off);  // straddles two words
+      return __uint_as_float((q & ((1u << B) - 1u)) | 0x4B000000u);   // one LOP3
+    }
+  }
+
+  __device__ __forceinline__ void decode8(const uint32_t (&w)[B], const State& st, int i, int64_t row,
+                                          int64_t col0, const float*, float (&out)[8]) const {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int c = 8 * i + k;
+      const float f = code_magic(w, c);  // 2^23 + q
       float s = st.s, z = st.z;
       if constexpr (!UNIFORM) group_params<OFFSET>(p, row, group_of(p, col0 + c), s, z);
-      out[k] = dequant_one<OFFSET>(q, s, z);
+      // Same operations as dequant_one: (q - z) * s, or q * s + m, each rounded, never contracted.
+      if constexpr (OFFSET) out[k] = __fadd_rn(__fmul_rn(__fsub_rn(f, kMagic), s), z);
+      else out[k] = __fmul_rn(__fsub_rn(f, z), s);
     }
   }
 

@@ -55,24 +55,26 @@ __global__ void __launch_bounds__(256) lowra_dequant_kernel(const LowraParams p,
 }
 
 // ---------------------------------------------------------------- GEMV decoder
+// The tile's 16 codebooks sit in shared memory replicated per lane, entry (q, slot, lane) at word
+// 64*q + 32*slot + lane (slot 0: the lane's row g, 1: row g + 8). Every lane reads its own bank, so the
+// random codes of a warp never conflict (a plain [row][q] table had ~3-way conflicts per lookup). The
+// address is one PRMT (q into byte 1, 4*lane + 128*slot in byte 0) plus the table's base.
 template <int B>
 struct LowraDecoder {
   static constexpr int kWords = B;              // 32 codes of B bits
-  static constexpr int kStride = (1 << B) + 1;  // codebook row stride in shared memory (+1: fewer bank conflicts)
-  static constexpr int kSmemFloats = 16 * kStride;
+  static constexpr int kSmemFloats = 64 << B;   // 2^B codes x 2 slots x 32 lanes
   LowraClass c;
   int64_t all_rows, ncols, row_bytes;
   bool aligned;
 
   struct Raw { uint32_t w[B]; };
-  struct State { const float* lut; };
+  struct State { uint32_t lane_slot, lut; };
 
-  // The tile's 16 codebooks into shared memory (rows past the end clamp, like the kernel's row loads).
   __device__ __forceinline__ void prologue(float* smem, int64_t tile) const {
-    for (int i = threadIdx.x; i < 16 * (1 << B); i += blockDim.x) {
-      const int r = i >> B, q = i & ((1 << B) - 1);
-      const int64_t row = imin64(tile * 16 + r, c.n - 1);
-      smem[r * kStride + q] = half_bits_to_float(__ldg(c.codebook + row * (1 << B) + q));
+    for (int i = threadIdx.x; i < kSmemFloats; i += blockDim.x) {
+      const int q = i >> 6, slot = (i >> 5) & 1, lane = i & 31;
+      const int64_t row = imin64(tile * 16 + slot * 8 + (lane >> 2), c.n - 1);  // clamped like the core's rows
+      smem[i] = half_bits_to_float(__ldg(c.codebook + row * (1 << B) + q));
     }
   }
   __host__ __device__ __forceinline__ int64_t rows() const { return c.n; }
@@ -95,39 +97,39 @@ struct LowraDecoder {
     }
   }
 
-  // Rows are clamped to n - 1 by the core; row % 16 is then still the smem slot the prologue filled.
-  __device__ __forceinline__ State state(const Raw&, int64_t row, int64_t, const float* smem) const {
-    return State{smem + (row & 15) * kStride};
+  __device__ __forceinline__ State state(const Raw&, int64_t, int slot, int64_t, const float* smem) const {
+    return State{(threadIdx.x & 31u) * 4u + static_cast<uint32_t>(slot) * 128u, smem_addr(smem)};
   }
 
-  __device__ __forceinline__ void decode4(const uint32_t (&w)[B], const State& st, int j, int64_t, int64_t,
-                                          const float*, float (&out)[4]) const {
+  __device__ __forceinline__ void decode8(const uint32_t (&w)[B], const State& st, int i, int64_t, int64_t,
+                                          const float*, float (&out)[8]) const {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int cc = 4 * j + k;
-      const int bit = cc * B;  // B divides 32: a code never straddles words
-      out[k] = st.lut[(w[bit >> 5] >> (bit & 31)) & ((1u << B) - 1u)];
+    for (int k = 0; k < 8; ++k) {
+      const int cc = 8 * i + k;
+      const uint32_t m = code_bytes<B>(w, cc);  // byte (cc's byte) holds the code
+      const uint32_t rel = prmt(m, st.lane_slot, 0x5504u | (code_byte_index<B>(cc) << 4));
+      out[k] = lds_f32(st.lut + rel);
     }
   }
 
-  __device__ __forceinline__ float value_slow(int64_t row, int64_t col, const float* smem) const {
-    return smem[(row & 15) * kStride + lowra_code<B>(c, row_bytes, row, col)];
+  __device__ __forceinline__ float value_slow(int64_t row, int64_t col, const float*) const {
+    return half_bits_to_float(__ldg(c.codebook + row * (1 << B) + lowra_code<B>(c, row_bytes, row, col)));
   }
 };
 
-template <typename XT, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 2) lowra_gemv_kernel(const LowraDecoder<1> d1, const LowraDecoder<2> d2,
-                                                                const LowraDecoder<4> d4, const XT* __restrict__ x,
-                                                                int m, XT* __restrict__ y, bool x_vec) {
-  __shared__ float red[WARPS][16][9];
+template <typename XT>
+__global__ void __launch_bounds__(kMaxWarps * 32, kMinBlocks) lowra_gemv_kernel(const LowraDecoder<1> d1, const LowraDecoder<2> d2,
+                                                                    const LowraDecoder<4> d4, const XT* __restrict__ x,
+                                                                    int m, XT* __restrict__ y, bool x_vec) {
+  __shared__ float red[kMaxWarps][16][9];
   static_assert(LowraDecoder<1>::kSmemFloats <= LowraDecoder<4>::kSmemFloats &&
                 LowraDecoder<2>::kSmemFloats <= LowraDecoder<4>::kSmemFloats, "one LUT buffer serves all widths");
-  __shared__ float lut[LowraDecoder<4>::kSmemFloats];
+  __shared__ __align__(256) float lut[LowraDecoder<4>::kSmemFloats];
   const int64_t t1 = (d1.c.n + 15) / 16, t2 = (d2.c.n + 15) / 16;
   const int64_t tile = blockIdx.x;  // block-uniform branch: each block is one tile of one width class
-  if (tile < t1) gemv_tile<LowraDecoder<1>, XT, WARPS>(d1, x, m, y, x_vec, tile, red, lut);
-  else if (tile < t1 + t2) gemv_tile<LowraDecoder<2>, XT, WARPS>(d2, x, m, y, x_vec, tile - t1, red, lut);
-  else gemv_tile<LowraDecoder<4>, XT, WARPS>(d4, x, m, y, x_vec, tile - t1 - t2, red, lut);
+  if (tile < t1) gemv_tile<LowraDecoder<1>, XT>(d1, x, m, y, x_vec, tile, red, lut);
+  else if (tile < t1 + t2) gemv_tile<LowraDecoder<2>, XT>(d2, x, m, y, x_vec, tile - t1, red, lut);
+  else gemv_tile<LowraDecoder<4>, XT>(d4, x, m, y, x_vec, tile - t1 - t2, red, lut);
 }
 
 template <int B>
@@ -172,7 +174,6 @@ cudaError_t lowra_dequant(const LowraParams& p, void* out, int out_dtype, cudaSt
 
 cudaError_t lowra_gemv(const LowraParams& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream) {
   if (m < 1 || m > 8) return cudaErrorInvalidValue;
-  constexpr int kWarps = 8;
   const auto d1 = make_decoder<1>(p, 0);
   const auto d2 = make_decoder<2>(p, 1);
   const auto d4 = make_decoder<4>(p, 2);
@@ -180,11 +181,12 @@ cudaError_t lowra_gemv(const LowraParams& p, const void* x, int64_t m, int x_dty
   if (tiles == 0) return cudaSuccess;
   const bool x_vec = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   const unsigned g = static_cast<unsigned>(tiles);
+  const int threads = 32 * gemv_warps(tiles, p.cols);
   if (x_dtype == kBF16) {
-    lowra_gemv_kernel<__nv_bfloat16, kWarps><<<g, kWarps * 32, 0, stream>>>(
+    lowra_gemv_kernel<__nv_bfloat16><<<g, threads, 0, stream>>>(
         d1, d2, d4, static_cast<const __nv_bfloat16*>(x), static_cast<int>(m), static_cast<__nv_bfloat16*>(y), x_vec);
   } else if (x_dtype == kF16) {
-    lowra_gemv_kernel<__half, kWarps><<<g, kWarps * 32, 0, stream>>>(
+    lowra_gemv_kernel<__half><<<g, threads, 0, stream>>>(
         d1, d2, d4, static_cast<const __half*>(x), static_cast<int>(m), static_cast<__half*>(y), x_vec);
   } else {
     return cudaErrorInvalidValue;

@@ -324,3 +324,24 @@ def test_lowra_lowbit_matmul(ext, xdtype):
             y = lowbit_matmul(x.to(DEV), dq)
             assert last_gemv_path()[qt.layout] == "cuda-fused"
             check_gemv(y, x, qt)
+
+
+# ------------------------------------------------------------------ GEMV split-K variants
+
+@pytest.mark.parametrize("warps", ["4", "8"])
+def test_gemv_warp_variants(ext, warps, monkeypatch):
+    """Every warps-per-block choice (LOWBITPACK_GEMV_WARPS forces it) gives the same function, for each layout,
+    on shapes with a tail (cols % 128 != 0) and fewer iterations than warps."""
+    monkeypatch.setenv("LOWBITPACK_GEMV_WARPS", warps)
+    for i, (rows, cols) in enumerate([(40, 4096), (33, 1000), (17, 96), (300, 2176)]):
+        x = torch.randn(3, cols, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+        for bits in (2, 3, 4, 8):
+            qt = make_intg(rows, cols, bits, 32 if cols % 32 == 0 else 8, seed=200 + i, zero_max=1 << bits,
+                           scale_exp=(-10, -5))
+            check_gemv(cuda_ext.gemv_intg(x.to(DEV), to_dev(qt)), x, qt)
+        qt = make_nf4_qt((rows, cols), seed=300 + i)
+        check_gemv(lowbit_matmul(x.to(DEV), to_dev(qt)), x, qt)
+        assert last_gemv_path()[qt.layout] == "cuda-fused"
+        qt = make_lowra(rows, cols, seed=400 + i)
+        check_gemv(lowbit_matmul(x.to(DEV), to_dev(qt)), x, qt)
+        assert last_gemv_path()[qt.layout] == "cuda-fused"
