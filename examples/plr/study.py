@@ -186,9 +186,10 @@ class Study:
     # -------------------------------------------------------------------------------------------- plan
     def run(self) -> None:
         self.evaluate("original", self.original, packed=False)
-        ad16 = self.train(self.original, "lora16")
-        m16, _ = self.merge(self.bundle(ad16, self.original, "lora16"), 16, "lora16")
-        self.evaluate("LoRA-16", m16, packed=False)
+        if "LoRA-16" not in self.results.get("rows", {}):   # cached figures need no retraining
+            ad16 = self.train(self.original, "lora16")
+            m16, _ = self.merge(self.bundle(ad16, self.original, "lora16"), 16, "lora16")
+            self.evaluate("LoRA-16", m16, packed=False)
         for name in self.args.bases:
             base = BASES[name]
             packed = self.quantize(base)
