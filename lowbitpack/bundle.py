@@ -204,7 +204,8 @@ def model_card(manifest: dict[str, Any]) -> str:
     if scheme != "none":
         tags.append(str(scheme))
     lines = ["---"]
-    if base.get("model_id"):
+    from .hub import hub_id
+    if hub_id(base.get("model_id")):      # a local directory name is not a base_model the Hub can link
         lines.append(f"base_model: {json.dumps(str(base['model_id']))}")
     lines += ["library_name: peft", "tags:"] + [f"- {json.dumps(t)}" for t in tags] + ["---", ""]
     bits = f"{base['bits']}-bit " if base.get("bits") else ""

@@ -66,7 +66,8 @@ def _find_key(obj: Any, key: str, depth: int = 0) -> Any:
     return None
 
 
-def _hub_id(value: Any) -> str | None:
+def hub_id(value: Any) -> str | None:
+    """`value` if it is a Hub repo id ("org/name") and not an existing local path, else None."""
     return value if isinstance(value, str) and _HUB_ID.match(value) and not Path(value).exists() else None
 
 
@@ -114,7 +115,7 @@ def describe(path: str | Path) -> RepoDescription:
         merge = merge or next((m for m in (inp.get("manifests") or {}).values()
                                if "merge" in str(m.get("format", ""))), None)
         d.target = export.get("target")
-        d.base_model = _hub_id(_find_key(inp.get("source"), "model_id"))
+        d.base_model = hub_id(_find_key(inp.get("source"), "model_id"))
         d.base_revision = (inp.get("source") or {}).get("revision")
         quant = inp.get("quantization") or {}
         report = export.get("report") or {}
@@ -128,8 +129,8 @@ def describe(path: str | Path) -> RepoDescription:
         r = merge.get("restore") or {}
         orig, trained = merge.get("original") or {}, merge.get("trained_on") or {}
         d.kind = "merge"
-        d.base_model = _hub_id(orig.get("model_id")) or _hub_id(trained.get("model_id")) or d.base_model \
-            or _hub_id(_find_key(merge, "model_id"))
+        d.base_model = hub_id(orig.get("model_id")) or hub_id(trained.get("model_id")) or d.base_model \
+            or hub_id(_find_key(merge, "model_id"))
         d.base_revision = orig.get("revision") or d.base_revision
         merged = bool(r.get("merged", True))
         # folded (or 16-bit) restores are merges; a restored base with the adapter kept beside it is a quantized base
@@ -146,22 +147,22 @@ def describe(path: str | Path) -> RepoDescription:
             quant = artifact.get("quantization") or quant
     elif adapter_cfg is not None or bundle is not None:
         d.kind, d.relation, d.library = "bundle", "adapter", "peft"
-        d.base_model = (_hub_id(_find_key(bundle, "model_id"))
-                        or _hub_id((adapter_cfg or {}).get("base_model_name_or_path")))
+        d.base_model = (hub_id(_find_key(bundle, "model_id"))
+                        or hub_id((adapter_cfg or {}).get("base_model_name_or_path")))
         quant = (bundle or {}).get("quantization") or _find_key(bundle, "quantization") or {}
         d.tags += ["peft", "lora"]
         if adapter_cfg and adapter_cfg.get("peft_type"):
             d.tags.append(str(adapter_cfg["peft_type"]).lower())
     elif artifact is not None:
         d.kind, d.relation, d.library = "artifact", "quantized", "lowbitpack"
-        d.base_model = _hub_id((artifact.get("source") or {}).get("model_id"))
+        d.base_model = hub_id((artifact.get("source") or {}).get("model_id"))
         d.base_revision = (artifact.get("source") or {}).get("revision")
         quant = artifact.get("quantization") or {}
     elif export is not None:
         d.kind = "export"
         d.relation = "quantized" if (quant or d.target != "hf") else None
     if d.base_model is None and source_marker is not None:
-        d.base_model = _hub_id(source_marker.get("model_id"))
+        d.base_model = hub_id(source_marker.get("model_id"))
     qc = config.get("quantization_config") or {}
     if d.kind == "checkpoint" and qc:
         d.relation = "quantized"
