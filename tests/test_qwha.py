@@ -547,3 +547,54 @@ def test_error_init_is_dropped_on_restore(tmp_path):
     save_file({f"{PREFIX}model.layers.0.self_attn.q_proj.qwha_spectrum_init": torch.zeros(3)}, str(bad))
     with pytest.raises(InputError, match="initial spectra do not match"):
         read_peft_adapter(tmp_path / "with_init")
+
+
+def test_restore_at_training_base_keeps_init(tmp_path):
+    """Regression (bench/qwha_quality.py on SmolLM2: PLR-4 of an int4-trained error-init adapter differed from the
+    trained model by 12.8 in max |logit| in a 1-step run): an unmerged restore whose packed tensors are bit-identical to the training
+    base (int4 RTN, same group size) keeps the saved spectrum, so restored base + adapter = the trained model; a
+    restore to another base (int8) still gets the learned part only."""
+    from lowbitpack import api
+    from lowbitpack.lowbit_linear import load_packed_model
+
+    src = make_tiny_llama(tmp_path / "src", hidden=48, inter=96, dtype=torch.float32, seed=5)
+    packed = tmp_path / "packed"
+    api.quantize(src, packed, "int4", group_size=16, progress=False)
+    orig = load_file(str(src / "model.safetensors"))
+    targets = ["q_proj", "down_proj"]
+    model = load_packed_model(packed, torch.float32)
+    originals = {n[: -len(".weight")]: t for n, t in orig.items() if n.rsplit(".", 2)[-2] in targets}
+    layers = attach_qwha(model, targets, r=2, scaling=150.0, init="error", originals=originals)
+    init = {n: layer.qwha_spectrum.detach().clone() for n, layer in layers.items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # "training" moved the spectrum away from its initial value
+        for layer in layers.values():
+            layer.qwha_spectrum += torch.randn(layer.n_frequency, generator=g) * 1e-3
+    save_qwha_adapter(tmp_path / "adapter", layers, targets, None, init)
+    api.bundle(tmp_path / "adapter", packed, tmp_path / "bundle")
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    with torch.no_grad():
+        trained = model(ids).logits
+
+    def beside(out: Path):
+        t = load_file(str(out / "adapter_model.safetensors"))
+        return {n: t[f"{PREFIX}{n}.qwha_spectrum"] for n in layers}
+
+    # --restore 4 --group-size 16: the same int4 tensors as the training base -> saved spectrum, trained model back
+    api.merge(tmp_path / "bundle", tmp_path / "r4", restore=4, group_size=16, original=src, progress=False)
+    for n, layer in layers.items():
+        torch.testing.assert_close(beside(tmp_path / "r4")[n], layer.qwha_spectrum.detach(), rtol=0, atol=0)
+    restored = load_packed_model(tmp_path / "r4", torch.float32)
+    adapter = read_peft_adapter(tmp_path / "r4")
+    for n, parts in adapter.modules.items():
+        parent, _, child = n.rpartition(".")
+        setattr(restored.get_submodule(parent), child,
+                QwhaLinear(restored.get_submodule(n), parts["indices"], parts["spectrum"], 150.0))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids).logits, trained, rtol=0, atol=1e-5)
+
+    # another group size (different int4 tensors) and int8: the learned part only
+    for out, kw in (("r4g32", {"restore": 4, "group_size": 32}), ("r8", {"restore": 8})):
+        api.merge(tmp_path / "bundle", tmp_path / out, original=src, progress=False, **kw)
+        for n, layer in layers.items():
+            torch.testing.assert_close(beside(tmp_path / out)[n], layer.qwha_spectrum.detach() - init[n])

@@ -27,7 +27,10 @@ LoRA-r16-sized budget on all seven projections) took SmolLM2-135M from perplexit
 KJV tokens, where the same ΔW_init on the int3 base improved 96.2 to 69.0. lowbitpack therefore writes
 the initial spectrum beside the adapter (`lowbitpack_qwha_init.safetensors`: `<key>.qwha_spectrum_init` [n],
 same indices) and, when it is present, merges and restores the learned part only:
-ΔW = (spectrum − spectrum_init) at the same indices. Adapters without the file merge as saved.
+ΔW = (spectrum − spectrum_init) at the same indices. Adapters without the file merge as saved. One exception:
+an unmerged `merge --restore k` whose restored packed tensor is bit-identical to the training base's (same scheme,
+bits, group size; checked against the stored-tensor sha256 the bundle recorded) keeps the saved spectrum for that
+module, because there ΔW_init cancels exactly the error it was fitted to and PLR-k must give back the trained model.
 """
 from __future__ import annotations
 
@@ -128,6 +131,48 @@ def _attach_init_spectra(modules: dict[str, dict[str, torch.Tensor]], path: Path
         parts["spectrum_init"] = t
 
 
+def restored_artifact_dir(out_dir: Path) -> Path | None:
+    """Where `merge --restore j` (unmerged) keeps the restored artifact when the adapter is written beside it: OUT
+    itself for `--format ours`, else OUT/.artifact (removed only after the adapter files are written)."""
+    for d in (out_dir, out_dir / ".artifact"):
+        if (d / "lowbitpack.json").is_file():
+            return d
+    return None
+
+
+def same_as_training_base(bundle_dir: Path, artifact_dir: Path | None,
+                          modules: dict[str, dict[str, torch.Tensor]]) -> set[str]:
+    """Modules whose packed base tensor in `artifact_dir` is bit-identical to the one recorded in the bundle (the
+    training base: same scheme, layout, bits, group size and sha256 of every stored tensor). For those the error
+    the initial spectrum cancels is exactly the restored base's, so it must stay. Empty without an artifact or
+    when the bundle was made against a full-precision checkpoint."""
+    import json
+
+    from ..artifact import Artifact
+    from ..io.hashing import sha256_tensor
+    if artifact_dir is None:
+        return set()
+    try:
+        base = json.loads((bundle_dir / "lowbitpack_bundle.json").read_text(encoding="utf-8"))["base"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    if base.get("kind") != "artifact":
+        return set()
+    art = Artifact.open(artifact_dir)
+    same = set()
+    for module in modules:
+        name = module + ".weight"
+        trained, rec = base.get("tensors", {}).get(name), art.tensors.get(name)
+        if not trained or not rec or not trained.get("stored_sha256") or rec["scheme"] == "none":
+            continue
+        if any(trained.get(k) != rec.get(k) for k in ("scheme", "layout", "bits", "group_size", "shape")):
+            continue
+        stored = art._read(list(rec["stored"].values()))
+        if {k: sha256_tensor(stored[v]) for k, v in rec["stored"].items()} == trained["stored_sha256"]:
+            same.add(module)
+    return same
+
+
 class QwhaKind(AdapterKind):
     name = "qwha"
 
@@ -216,15 +261,21 @@ class QwhaKind(AdapterKind):
 
     def write_unmerged(self, bundle_dir: Path, out_dir: Path, modules: dict[str, dict[str, torch.Tensor]],
                        config: dict[str, Any]) -> None:
-        """Beside a restored base goes the learned part: the saved spectrum minus the initial one."""
+        """Beside a restored base goes the learned part: the saved spectrum minus the initial one; except for modules
+        whose restored packed tensor is bit-identical to the one the adapter was trained on (restore at the training
+        scheme, bits and group size): their initial spectrum cancels exactly the error it was fitted to, so they keep
+        the saved spectrum and the PLR-k output is the trained model (see `same_as_training_base`)."""
         if not any("spectrum_init" in parts for parts in modules.values()):
             return super().write_unmerged(bundle_dir, out_dir, modules, config)
         import shutil
 
         from safetensors.torch import load_file, save_file
+        keep = same_as_training_base(bundle_dir, restored_artifact_dir(out_dir), modules)
         shutil.copyfile(bundle_dir / "adapter_config.json", out_dir / "adapter_config.json")
         tensors = load_file(str(bundle_dir / "adapter_model.safetensors"))
         for module, parts in modules.items():
+            if module in keep or "spectrum_init" not in parts:
+                continue
             key = f"{PREFIX}{module}.qwha_spectrum"
             tensors[key] = (parts["spectrum"].float() - parts["spectrum_init"].float()).to(tensors[key].dtype)
         save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -262,4 +313,5 @@ class QwhaKind(AdapterKind):
 KIND = QwhaKind()
 
 __all__ = ["INIT_FILE", "KIND", "QwhaKind", "learned_spectrum", "module_scaling", "qwha_delta", "qwha_forward",
-           "reference_merge_delta", "sparse_spectrum_matrix", "spectrum_values"]
+           "reference_merge_delta", "restored_artifact_dir", "same_as_training_base", "sparse_spectrum_matrix",
+           "spectrum_values"]
