@@ -191,37 +191,11 @@ def train_adapter(
     gen = torch.Generator().manual_seed(seed)
 
     t0 = time.perf_counter()
-    losses: list[float] = []
     with atomic_dir(out, force) as tmp:
-        log = open(tmp / TRAIN_LOG, "w", encoding="utf-8")
-        step = 0
-        epoch = 0
-        peft_model.train()
-        with _progress(progress) as bar:
-            task = bar.add_task("train LoRA", total=total_steps, loss="-")
-            while step < total_steps:
-                order = torch.randperm(len(windows), generator=gen)
-                for i in range(0, len(order), batch_size):
-                    if step >= total_steps:
-                        break
-                    batch = windows[order[i:i + batch_size]].to(device)
-                    loss = peft_model(input_ids=batch, labels=batch).loss
-                    if not torch.isfinite(loss):
-                        raise InputError(f"loss became {loss.item()} at step {step + 1}", data_info["file"],
-                                         "lower --lr or check the data")
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    losses.append(loss.item())
-                    log.write(json.dumps({"step": step, "epoch": round(epoch + i / len(order), 6), "loss": round(losses[-1], 6),
-                                          "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
-                                          "tokens": step * batch_size * seq_len}) + "\n")
-                    log.flush()
-                    bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
-                epoch += 1
-        log.close()
+        losses = run_steps(peft_model, windows, opt, trainable, total_steps=total_steps, batch_size=batch_size,
+                           lr=lr, device=device, gen=gen, log_path=tmp / TRAIN_LOG, label="train LoRA",
+                           progress=progress, data_file=data_info["file"], t0=t0)
+        step = len(losses)
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)  # no Hub lookup of the base
         seconds = time.perf_counter() - t0
         tail = losses[-min(10, len(losses)):]
@@ -247,6 +221,42 @@ def train_adapter(
         }
         (tmp / TRAINING_MANIFEST).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record
+
+
+def run_steps(model: torch.nn.Module, windows: torch.Tensor, opt: torch.optim.Optimizer,
+              trainable: list[torch.Tensor], *, total_steps: int, batch_size: int, lr: float, device: Any,
+              gen: torch.Generator, log_path: Path, label: str, progress: bool, data_file: Any,
+              t0: float, nan_fix: str = "lower --lr or check the data") -> list[float]:
+    """The causal-LM training loop every adapter kind shares: shuffled windows per epoch, clipped AdamW steps,
+    one JSON line per step in `log_path`, a progress bar; returns the per-step losses."""
+    seq_len = windows.shape[1]
+    losses: list[float] = []
+    step = epoch = 0
+    with open(log_path, "w", encoding="utf-8") as log, _progress(progress) as bar:
+        task = bar.add_task(label, total=total_steps, loss="-")
+        while step < total_steps:
+            order = torch.randperm(len(windows), generator=gen)
+            for i in range(0, len(order), batch_size):
+                if step >= total_steps:
+                    break
+                batch = windows[order[i:i + batch_size]].to(device)
+                loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise InputError(f"loss became {loss.item()} at step {step + 1}", data_file, nan_fix)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(loss.item())
+                log.write(json.dumps({"step": step, "epoch": round(epoch + i / len(order), 6),
+                                      "loss": round(losses[-1], 6), "lr": lr,
+                                      "seconds": round(time.perf_counter() - t0, 3),
+                                      "tokens": step * batch_size * seq_len}) + "\n")
+                log.flush()
+                bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
+            epoch += 1
+    return losses
 
 
 def _checkpoint_record(ckpt: SourceCheckpoint) -> dict[str, Any]:

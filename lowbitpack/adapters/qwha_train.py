@@ -354,7 +354,7 @@ def train_qwha_adapter(
     from transformers import AutoTokenizer
 
     from ..train import (MAX_GRAD_NORM, TRAIN_LOG, TRAINING_FORMAT, TRAINING_MANIFEST, _base_record,
-                         _compute_dtype, _progress, _versions, load_texts, token_windows)
+                         _compute_dtype, _versions, load_texts, run_steps, token_windows)
 
     _check_options(n_frequency, r, scaling, init, selection, lr, epochs, max_steps, batch_size, seq_len,
                    target_modules)
@@ -403,36 +403,13 @@ def train_qwha_adapter(
     gen = torch.Generator().manual_seed(seed)
 
     t0 = time.perf_counter()
-    losses: list[float] = []
     with atomic_dir(out, force) as tmp:
-        step = 0
-        epoch = 0
         model.train()
-        with open(tmp / TRAIN_LOG, "w", encoding="utf-8") as log, _progress(progress) as bar:
-            task = bar.add_task("train QWHA", total=total_steps, loss="-")
-            while step < total_steps:
-                order = torch.randperm(len(windows), generator=gen)
-                for i in range(0, len(order), batch_size):
-                    if step >= total_steps:
-                        break
-                    batch = windows[order[i:i + batch_size]].to(device)
-                    loss = model(input_ids=batch, labels=batch).loss
-                    if not torch.isfinite(loss):
-                        raise InputError(f"loss became {loss.item()} at step {step + 1}", data_info["file"],
-                                         "lower --lr or --scaling, or check the data")
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    losses.append(loss.item())
-                    log.write(json.dumps({"step": step, "epoch": round(epoch + i / len(order), 6),
-                                          "loss": round(losses[-1], 6), "lr": lr,
-                                          "seconds": round(time.perf_counter() - t0, 3),
-                                          "tokens": step * batch_size * seq_len}) + "\n")
-                    log.flush()
-                    bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
-                epoch += 1
+        losses = run_steps(model, windows, opt, trainable, total_steps=total_steps, batch_size=batch_size, lr=lr,
+                           device=device, gen=gen, log_path=tmp / TRAIN_LOG, label="train QWHA",
+                           progress=progress, data_file=data_info["file"], t0=t0,
+                           nan_fix="lower --lr or --scaling, or check the data")
+        step = len(losses)
         save_qwha_adapter(tmp, layers, targets, art.manifest["source"].get("model_id"), init_spectra)
         seconds = time.perf_counter() - t0
         tail = losses[-min(10, len(losses)):]
