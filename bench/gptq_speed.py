@@ -123,12 +123,37 @@ def bench_flow(dev: torch.device, n_layers: int, samples: int, seqlen: int) -> d
             "peak_gpu_mem_gib": (round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None)}
 
 
+def _compare_with_cuda(cpu: dict, cuda_path: Path) -> dict | None:
+    """Per-layer GPU speed-up from an earlier CUDA run, only where the flow used the same samples x seqlen."""
+    if not cuda_path.is_file():
+        return None
+    gpu = json.loads(cuda_path.read_text())
+    cf, gf = cpu["flow"], gpu["flow"]
+    out: dict = {"cuda_file": cuda_path.name, "cuda_device": gpu.get("device"), "cuda_command": gpu.get("command")}
+    cs = next((r for r in cpu["solve"] if r["model"] == "smollm2-135m"), None)
+    gs = next((r for r in gpu["solve"] if r["model"] == "smollm2-135m"), None)
+    if cs and gs:
+        out["solve_per_layer_speedup"] = round(cs["plain_per_layer_s"] / gs["plain_per_layer_s"], 2)
+        out["solve_act_order_per_layer_speedup"] = round(cs["act_order_per_layer_s"] / gs["act_order_per_layer_s"], 2)
+    if (cf["samples"], cf["seqlen"]) == (gf["samples"], gf["seqlen"]):
+        out["flow_per_layer_cpu_s"] = cf["per_layer_s"]
+        out["flow_per_layer_cuda_s"] = gf["per_layer_s"]
+        out["flow_per_layer_speedup"] = round(cf["per_layer_s"] / gf["per_layer_s"], 2)
+        out["flow_30_layers_cpu_s"] = cf["extrapolated_30_layers_s"]
+        out["flow_30_layers_cuda_s"] = gf["extrapolated_30_layers_s"]
+    else:
+        out["flow_note"] = (f"not comparable: cpu {cf['samples']}x{cf['seqlen']} vs cuda {gf['samples']}x{gf['seqlen']}"
+                            " calibration tokens")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--flow-layers", type=int, default=None, help="decoder layers in the flow run (cpu 2, cuda 30)")
-    ap.add_argument("--samples", type=int, default=None, help="calibration samples (cpu 16, cuda 128)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="calibration samples (cpu 16, cuda 128; use 128 on CPU too to compare per-layer speed)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
@@ -146,11 +171,15 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "command": " ".join(([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ
+                                 else []) + [Path(sys.executable).name] + sys.argv),
             "solve": [bench_solve(dev, m, args.repeats) for m in (["smollm2-135m", "llama2-7b"] if cuda else ["smollm2-135m"])],
             "flow": bench_flow(dev, args.flow_layers or (30 if cuda else 2), args.samples or (128 if cuda else 16),
                                args.seqlen),
         }
+        report["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        if not cuda:
+            report["cuda_comparison"] = _compare_with_cuda(report, args.out_dir / "gptq_speed-cuda.json")
         path = args.out_dir / f"gptq_speed-{d}.json"
         path.write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(report, indent=1))

@@ -214,6 +214,23 @@ def test_zero_point_zero_and_offsets(tmp_path):
     assert torch.equal(b.quantized_tensor("model.layers.0.mlp.up_proj.weight").tensors["zero"], q.tensors["zero"])
 
 
+def test_ragged_groups_exported_exactly_with_a_note(tmp_path):
+    # in=80 with G=32: a short last group. GPTQ's g_idx expresses it exactly; GPTQModel's CPU int4 ATen kernel
+    # does not take it, which the report says.
+    q = _qt(64, 80, 4, 32)
+    art = _write_artifact(tmp_path / "a", {"model.layers.0.mlp.down_proj.weight": q}, {"model_type": "llama"})
+    rep = export_gptq(art, tmp_path / "g", progress=False, version="v2")
+    assert rep["exact"] and any("not divisible by the group size" in n for n in rep["notes"])
+    with safe_open(str(tmp_path / "g" / "model.safetensors"), "pt") as f:
+        t = {k: f.get_tensor(f"model.layers.0.mlp.down_proj.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+    assert t["scales"].shape == (3, 64) and t["g_idx"].tolist() == [j // 32 for j in range(80)]
+    assert torch.equal(dequantize_gptq(t, 4, 80, "v2"), Artifact.open(art).dense("model.layers.0.mlp.down_proj.weight",
+                                                                                 torch.float32))
+    rep = export_gptq(_write_artifact(tmp_path / "b", {"model.layers.0.mlp.down_proj.weight": _qt(64, 96, 4, 32)},
+                                      {"model_type": "llama"}), tmp_path / "g2", progress=False, version="v2")
+    assert not any("not divisible" in n for n in rep["notes"])
+
+
 def test_export_refusals(tmp_path):
     cfg = {"model_type": "llama"}
     a = _write_artifact(tmp_path / "g48", {"model.layers.0.mlp.up_proj.weight": _qt(64, 96, 4, 48)}, cfg)
@@ -281,31 +298,45 @@ def _loaded_weights_equal(model, art) -> float:
     return worst
 
 
-def test_transformers_loads_v1_export(tmp_path, gptq_act_order_artifact):
-    _gptqmodel()
+@pytest.fixture(scope="module")
+def gptq3_act_order_artifact(tiny_src, tmp_path_factory):
+    path, calib = tiny_src
+    out = tmp_path_factory.mktemp("gptq3_art") / "g3"
+    lowbitpack.quantize(path, out, "gptq3", group_size=32, calib=calib, calib_samples=8, calib_seqlen=32,
+                        act_order=True, device="cpu", progress=False)
+    return out
+
+
+def _load_export(loader: str, path):
+    """The export as the other library loads it (CPU): GPTQModel directly, or transformers (+optimum)."""
+    gm = _gptqmodel()
+    if loader == "gptqmodel":
+        return gm.GPTQModel.load(str(path), device="cpu", backend=gm.BACKEND.TORCH, dtype=torch.float16).model
     from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="cpu")
+
+
+# GPTQModel.load refuses sym=False v1 checkpoints unless GPTQModel produced them (see the export's notes),
+# so GPTQModel is checked on v2 and transformers on both.
+@pytest.mark.parametrize("loader,version,bits", [("transformers", "v1", 4), ("gptqmodel", "v2", 4),
+                                                 ("gptqmodel", "v2", 3), ("transformers", "v1", 3),
+                                                 ("transformers", "v2", 3)])
+def test_export_loads_with_our_weights_and_logits(tmp_path, request, loader, version, bits):
     from lowbitpack.modeling import load_dequantized_model
-    export_gptq(gptq_act_order_artifact, tmp_path / "g", progress=False, version="v1")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float16, device_map="cpu")
-    assert _loaded_weights_equal(model, Artifact.open(gptq_act_order_artifact)) == 0.0
+    art = request.getfixturevalue("gptq_act_order_artifact" if bits == 4 else "gptq3_act_order_artifact")
+    rep = export_gptq(art, tmp_path / "g", progress=False, version=version)
+    assert rep["desc_act"] and rep["bits"] == bits
+    assert any("GPTQModel.load refuses" in n for n in rep["notes"]) == (version == "v1")
+    model = _load_export(loader, tmp_path / "g")
+    # the loader's own dequantization (in f32) gives exactly our weights ...
+    assert _loaded_weights_equal(model, Artifact.open(art)) == 0.0
     ids = torch.tensor([[1, 50, 200, 30, 7, 99, 123, 17]])
     with torch.no_grad():
         got = model(ids).logits.float()
-        ref = load_dequantized_model(gptq_act_order_artifact)(ids).logits
-    assert (got - ref).abs().max() < 0.02 * ref.abs().max()  # fp16 kernels vs our fp32
-
-
-def test_gptqmodel_loads_v2_export(tmp_path, gptq_act_order_artifact):
-    gm = _gptqmodel()
-    from lowbitpack.modeling import load_dequantized_model
-    export_gptq(gptq_act_order_artifact, tmp_path / "g", progress=False, version="v2")
-    m = gm.GPTQModel.load(str(tmp_path / "g"), device="cpu", backend=gm.BACKEND.TORCH, dtype=torch.float16)
-    assert _loaded_weights_equal(m.model, Artifact.open(gptq_act_order_artifact)) == 0.0
-    ids = torch.tensor([[1, 50, 200, 30, 7, 99, 123, 17]])
-    with torch.no_grad():
-        got = m.model(ids).logits.float()
-        ref = load_dequantized_model(gptq_act_order_artifact)(ids).logits
+        ref = load_dequantized_model(art)(ids).logits
+    # ... and its fp16 forward the logits of our f32 dequantized model up to fp16 rounding
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
 def test_partially_quantized_export_loads(tmp_path, tiny_src):
@@ -332,9 +363,28 @@ def test_partially_quantized_export_loads(tmp_path, tiny_src):
         assert (g.model(ids).logits.float() - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bits,desc_act,fmt", [(4, True, "gptq"), (3, False, "gptq"), (2, True, "gptq_v2")])
+def _all_tensors(d) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+# Every bit width, both checkpoint formats, with and without act-order; the first two run in CI, the rest are
+# slow (GPTQModel quantizes for 2-10 s each on 2 cores).
+_GPTQMODEL_CASES = [
+    (3, False, "gptq"), (4, True, "gptq_v2"),
+    pytest.param(4, True, "gptq", marks=pytest.mark.slow), pytest.param(2, True, "gptq_v2", marks=pytest.mark.slow),
+    pytest.param(2, False, "gptq", marks=pytest.mark.slow), pytest.param(8, False, "gptq_v2", marks=pytest.mark.slow),
+    pytest.param(8, True, "gptq", marks=pytest.mark.slow), pytest.param(3, True, "gptq_v2", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("bits,desc_act,fmt", _GPTQMODEL_CASES)
 def test_import_gptqmodel_quantized(tmp_path, tiny_src, bits, desc_act, fmt):
+    """A checkpoint GPTQModel quantized and saved: import keeps its codes, export writes its tensors back
+    byte for byte (import -> export round trip), and transformers loads the same weights we decode."""
     gm = _gptqmodel()
     from transformers import AutoModelForCausalLM
     path, calib = tiny_src
@@ -342,8 +392,30 @@ def test_import_gptqmodel_quantized(tmp_path, tiny_src, bits, desc_act, fmt):
     model = gm.GPTQModel.load(str(path), qc, device="cpu")
     model.quantize(calib.read_text().split("\n\n")[:32], batch_size=4, backend=gm.BACKEND.TORCH)
     model.save(str(tmp_path / "gq"))
-    import_gptq(tmp_path / "gq", tmp_path / "art", progress=False)
-    art = Artifact.open(tmp_path / "art")
-    assert sum("g_idx" in r["stored"] for r in art.tensors.values()) == (14 if desc_act else 0)
+    saved_cfg = json.loads((tmp_path / "gq" / "config.json").read_text())["quantization_config"]
+    assert saved_cfg["checkpoint_format"] == fmt and saved_cfg["bits"] == bits and saved_cfg["desc_act"] == desc_act
+    man = import_gptq(tmp_path / "gq", tmp_path / "art", progress=False)
+    version = {"gptq": "v1", "gptq_v2": "v2"}[saved_cfg.get("checkpoint_format", "gptq")]
+    assert man["quantization"]["imported_from"] == f"gptq-{version}"
+    art = Artifact.open(tmp_path / "art", verify=True)
+    q = [r for r in art.tensors.values() if r["scheme"] != "none"]
+    assert len(q) == 14 and {r["bits"] for r in q} == {bits}
+    assert sum("g_idx" in r["stored"] for r in q) == (14 if desc_act else 0)
+
+    rep = export_gptq(tmp_path / "art", tmp_path / "back", progress=False, version=version)
+    assert rep["exact"] and rep["desc_act"] == desc_act and rep["bits"] == bits
+    theirs, ours = _all_tensors(tmp_path / "gq"), _all_tensors(tmp_path / "back")
+    assert set(theirs) == set(ours)
+    for name, t in theirs.items():
+        assert t.dtype == ours[name].dtype and t.shape == ours[name].shape, name
+        assert t.contiguous().view(torch.uint8).numpy().tobytes() == ours[name].contiguous().view(torch.uint8).numpy().tobytes(), name
+    back_cfg = json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]
+    for key in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format"):
+        assert back_cfg[key] == saved_cfg.get(key, back_cfg[key]), key
+
+    assert back_cfg["meta"]["quantizer"][0].startswith("gptqmodel:")  # who produced the codes is kept
+
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gq", dtype=torch.float16, device_map="cpu")
     assert _loaded_weights_equal(loaded, art) == 0.0
+    if version == "v1":  # the re-export names gptqmodel as the codes' producer, so GPTQModel.load takes it
+        assert _loaded_weights_equal(_load_export("gptqmodel", tmp_path / "back"), art) == 0.0

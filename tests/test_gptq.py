@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -77,18 +78,70 @@ def test_identity_hessian_is_rtn(bits):
     assert got.layout == "intg-v1" and got.scheme == f"gptq{bits}" and got.group_size == 64
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("block_size", [128, 16])
-def test_lazy_batches_match_textbook_gptq(act_order, block_size):
-    # Lazy block updates are an exact reordering of the column-by-column algorithm (in float64).
+@pytest.mark.parametrize("act_order,block_size,group,damp", [
+    (False, 128, 16, 0.01), (True, 128, 16, 0.01), (False, 16, 16, 0.01), (True, 16, 16, 0.01),
+    (True, 128, 48, 0.1),    # group size dividing neither in (200) nor the block: short last group
+    (False, 32, 64, 0.25),   # groups spanning blocks, strong dampening
+    (True, 64, 128, 0.01),   # like g256 with the default 128-column block
+])
+def test_lazy_batches_match_textbook_gptq(act_order, block_size, group, damp):
+    # Lazy block updates are an exact reordering of the column-by-column algorithm (in float64), and the
+    # dampening is damp x mean(diag H) added to the diagonal.
     w = torch.randn(24, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     h = _hessian(_correlated(600, 200))
-    r = gptq_quantize_weight(w, h, 3, 16, damp=0.01, act_order=act_order, block_size=block_size)
-    codes, scale, zero, loss = reference_gptq(w, h, 3, 16, 0.01, act_order)
+    r = gptq_quantize_weight(w, h, 3, group, damp=damp, act_order=act_order, block_size=block_size)
+    codes, scale, zero, loss = reference_gptq(w, h, 3, group, damp, act_order)
     assert torch.equal(r["codes"], codes)
     assert torch.equal(r["scale"], scale.to(torch.float16))
     assert torch.equal(r["zero"], zero.to(torch.uint8))
     assert r["loss"] == pytest.approx(loss, rel=1e-9)
+    assert r["damp"] == damp and r["group_size"] == group
+    assert r["scale"].shape == (24, math.ceil(200 / group))
+
+
+def test_damp_changes_the_result_and_is_relative():
+    # damp is a fraction of mean(diag H): scaling H leaves GPTQ unchanged, a different damp does not.
+    w = torch.randn(16, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    h = _hessian(_correlated(300, 96, seed=4))
+    a = gptq_quantize_weight(w, h, 3, 32, damp=0.01)
+    b = gptq_quantize_weight(w, 1000 * h, 3, 32, damp=0.01)
+    c = gptq_quantize_weight(w, h, 3, 32, damp=0.5)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["zero"], b["zero"])
+    assert not torch.equal(a["codes"], c["codes"])
+
+
+def test_hessian_accumulator_is_2_over_n_sum_xxT():
+    # n counts sequences (the leading dim of 3-D inputs), as GPTQ's reference does; batches add up.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, 8, generator=g)
+    acc = cal.HessianAccumulator(8, "cpu")
+    acc.add(x[:4])
+    acc.add(x[4:])
+    flat = x.reshape(-1, 8).double()
+    ref = 2 * flat.T @ flat / 6
+    assert acc.n == 6 and torch.allclose(acc.hessian().double(), ref, rtol=1e-5, atol=1e-5)
+    acc2 = cal.HessianAccumulator(8, "cpu")
+    acc2.add(x[0, 0])  # one 1-D token vector counts as one sample
+    assert acc2.n == 1
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        cal.HessianAccumulator(8, "cpu").hessian()
+
+
+def test_rtn_row_chunks_are_byte_identical(monkeypatch):
+    # IntRTN (GPTQ's group parameters come from the same rtn_scale_zero) quantizes blocks of rows to bound
+    # memory; any chunking must give the bytes of the one-shot result.
+    from lowbitpack.schemes import rtn
+    g = torch.Generator().manual_seed(5)
+    for bits, shape, group in [(4, (37, 200), 64), (3, (65, 130), 128), (2, (9, 7), 128), (8, (33, 96), 32)]:
+        w = (torch.randn(*shape, generator=g) * 3).to(torch.bfloat16)
+        w[1] = 0  # an all-zero row
+        monkeypatch.setattr(rtn, "_CHUNK_ELEMENTS", 1 << 30)
+        whole = IntRTN(bits, group).quantize(w)
+        for chunk in (1, shape[1] * 5 + 3):
+            monkeypatch.setattr(rtn, "_CHUNK_ELEMENTS", chunk)
+            part = IntRTN(bits, group).quantize(w)
+            for k, t in whole.tensors.items():
+                assert t.dtype == part.tensors[k].dtype and torch.equal(t, part.tensors[k]), (bits, chunk, k)
 
 
 def _correlated_inputs(d: int, seed: int, outlier_channels: bool) -> torch.Tensor:
@@ -385,3 +438,50 @@ def test_nan_weight_named(tmp_path, tiny_model):
     with pytest.raises(InputError, match=r"up_proj.weight holds NaN"):
         cal.calibrated_quantize(bad, _Recording(), calib=calib, samples=2, seqlen=16, device="cpu",
                                 show_progress=False)
+
+
+def _shard_hashes(path) -> dict:
+    return {k: v["sha256"] for k, v in json.loads((path / "lowbitpack.json").read_text())["shards"].items()}
+
+
+def test_seed_makes_gptq_deterministic(tmp_path, tiny_model):
+    # Same --seed: the same calibration windows, so byte-identical shards; another seed: other windows and codes.
+    path, calib = tiny_model
+    kw = dict(group_size=32, calib=calib, calib_samples=4, calib_seqlen=32, device="cpu", progress=False)
+    a = lowbitpack.quantize(path, tmp_path / "a", "gptq4", seed=7, **kw)
+    lowbitpack.quantize(path, tmp_path / "b", "gptq4", seed=7, **kw)
+    c = lowbitpack.quantize(path, tmp_path / "c", "gptq4", seed=8, **kw)
+    assert _shard_hashes(tmp_path / "a") == _shard_hashes(tmp_path / "b")
+    assert _shard_hashes(tmp_path / "a") != _shard_hashes(tmp_path / "c")
+    assert a["quantization"]["calibration"]["seed"] == 7 and c["quantization"]["calibration"]["seed"] == 8
+    assert a["quantization"]["calibration_loss"] != c["quantization"]["calibration_loss"]
+
+
+_BAD_CALIB = [
+    ("empty file", "calib.txt", b"", "holds no text"),
+    ("only blank lines", "calib.txt", b"\n\n  \n\t\n", "holds no text"),
+    ("empty JSONL", "calib.jsonl", b"\n", "holds no text"),
+    ("JSONL without a text field", "calib.jsonl", b'{"body": "a"}\n', "no string field 'text'"),
+    ("too few tokens for one window", "calib.txt", b"a short line\n", "fewer than one window"),
+    ("not UTF-8", "calib.txt", "caf\xe9 cr\xe8me ".encode("latin-1") * 300, "not UTF-8"),
+    ("missing file", None, None, "no such file|does not exist"),
+]
+
+
+@pytest.mark.parametrize("what,fname,content,msg", _BAD_CALIB, ids=[c[0] for c in _BAD_CALIB])
+def test_bad_calibration_text_is_one_line_error(tmp_path, tiny_model, what, fname, content, msg):
+    from click.testing import CliRunner
+    from lowbitpack.cli import main
+    from tests.test_reliability_faults import one_line_error
+    path, _ = tiny_model
+    f = tmp_path / (fname or "absent.txt")
+    if content is not None:
+        f.write_bytes(content)
+    r = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "out"), "--scheme", "gptq3",
+                                  "--calib", str(f), "--calib-samples", "4", "--calib-seqlen", "64",
+                                  "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 2, (r.exit_code, r.output[-1500:])
+    line = one_line_error(r.stderr)
+    assert re.search(msg, line), line
+    assert f.name in line  # names the file
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

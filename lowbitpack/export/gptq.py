@@ -257,9 +257,17 @@ def export_gptq(
         write_json(tmp / "config.json", config)
         copied = copy_sidecars(src.sidecar_dir(), tmp)
         notes = []
+        if version == "v1" and not any(q.startswith("gptqmodel:") for q in qcfg["meta"]["quantizer"]):
+            notes.append("v1 with sym=False: transformers (+optimum) loads it; GPTQModel.load refuses asymmetric v1 "
+                         "checkpoints it did not produce itself: export version v2 for GPTQModel")
         if version == "v1" and zero_zero_groups:
             notes.append(f"{zero_zero_groups} groups have zero point 0: exact in GPTQModel (and transformers through "
                          "it); legacy per-field v1 decoders read them wrongly; version v2 avoids that")
+        ragged = [n for n in quantized if bits_of[n] == 4 and gsizes[n] > 0 and quantized[n]["shape"][1] % gsizes[n]]
+        if ragged:
+            notes.append(f"{len(ragged)} modules have in_features not divisible by the group size (e.g. {ragged[0]}): "
+                         "the codes are exact, but GPTQModel's CPU int4 ATen kernel (its default 'torch' backend for "
+                         "4-bit) refuses them at run time; load with backend gptq_torch")
         if inexact:
             notes.append(f"inexact: max abs weight error {worst_err:.3g} (float offsets rounded to integer zero "
                          "points, or scales cast to fp16)")
@@ -315,6 +323,10 @@ def gptq_quantize_config(quantization: dict[str, Any], *, bits: int, group_size:
         cfg["dynamic"] = dynamic
     if modules_in_block:
         cfg["modules_in_block_to_quantize"] = modules_in_block
-    cfg["meta"] = {"quantizer": [f"lowbitpack:{__version__}"],
+    # An imported GPTQ checkpoint keeps the tools that produced its codes (GPTQModel reads this list: it loads
+    # sym=False v1 checkpoints only when they name gptqmodel >= 0.9, whose zero-point convention we write).
+    prior = ((quantization.get("gptq") or {}).get("meta") or {}).get("quantizer") or []
+    prior = [prior] if isinstance(prior, str) else [q for q in prior if isinstance(q, str)]
+    cfg["meta"] = {"quantizer": [q for q in prior if not q.startswith("lowbitpack:")] + [f"lowbitpack:{__version__}"],
                    "lowbitpack": {"scheme": quantization.get("scheme"), "calibration": quantization.get("calibration")}}
     return cfg

@@ -71,8 +71,14 @@ def quantize_checkpoint(
     return manifest
 
 
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite(t).all() without a full-size bool temporary (4 MB at a time)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _quantize_one(scheme: Scheme, name: str, tensor: torch.Tensor, file: Path) -> QuantizedTensor:
-    if not torch.isfinite(tensor).all():
+    if not _all_finite(tensor):
         raise InputError(f"tensor {name} holds NaN or Inf values", file,
                          "fix the checkpoint, or exclude the tensor with --modules")
     return scheme.quantize(tensor)

@@ -13,9 +13,12 @@ columns (diag(H) == 0) are zeroed, `damp · mean(diag(H))` is added to the diago
 parameters are computed when a group's first column is reached. With act-order, columns are processed
 by decreasing diag(H) and groups are formed in that processing order; `g_idx` maps each original column
 to its group (GPTQModel's `desc_act` convention). Group parameters come from the group's *current*
-weights, in-block updates included, as in GPTQModel's column loop (its block is a view of W); the
-original reference clones the block and so reads stale columns when the group is smaller than the
-block (all agree when group_size is a multiple of the 128-column block).
+weights: in-block updates included (as in GPTQModel's column loop, whose block is a view of W), and for
+a group that runs past the current block (group sizes that are not divisors of the block, e.g. 256 or
+48 with 128-column blocks) the block's pending lazy update is applied to those columns first, so lazy
+batching stays an exact reordering of the column-by-column algorithm for every group size. The
+reference implementations read such columns stale (before the lazy update); results agree whenever the
+group lies inside one block (group sizes 16..128 with the default block).
 """
 from __future__ import annotations
 
@@ -128,12 +131,19 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: in
         q1 = torch.empty_like(w1)
         err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        hinv1_ahead = hinv[i1:i2, i2:]
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:
                 # A group starts: its scale/zero come from the group's weights as they are now.
                 end = min(col + g, in_f)
-                wg = w1[:, i:end - i1] if end <= i2 else torch.cat([w1[:, i:], w[:, i2:end]], dim=1)
+                if end <= i2:
+                    wg = w1[:, i:end - i1]
+                else:
+                    # The group runs past this block: those columns still miss the block's pending lazy
+                    # update from the columns done so far; apply it to them so the range is current.
+                    ahead = w[:, i2:end] - err1[:, :i] @ hinv1_ahead[:i, : end - i2]
+                    wg = torch.cat([w1[:, i:], ahead], dim=1)
                 s, z = rtn_scale_zero(wg.amin(1), wg.amax(1), bits)
                 # Quantize against the scale as stored, so the artifact dequantizes to what GPTQ optimised.
                 s = s.to(scale_dtype).to(cdt).clamp_min(2.0**-14)

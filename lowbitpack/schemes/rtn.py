@@ -6,9 +6,14 @@ from typing import Any
 
 import torch
 
+from ..layouts.bitpack import packed_row_bytes
 from ..layouts.intg import LAYOUT, pack_intg
 from ..qtensor import QuantizedTensor
 from .base import Scheme
+
+# Elements per block of rows in `IntRTN.quantize`: 1M elements keep each f32 temporary at 4 MB (the whole
+# quantization of a 14336x4096 weight then needs ~30 MB beyond its input and output, not ~1.2 GB).
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,19 +72,33 @@ class IntRTN(Scheme):
     def quantize(self, weight: torch.Tensor, **calib: Any) -> QuantizedTensor:
         if weight.ndim != 2:
             raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-        w = weight.float()
-        g = min(self.group_size, w.shape[1])
-        mn, mx = group_min_max(w, g)
-        scale, zero = rtn_scale_zero(mn, mx, self.bits)
-        # Quantize against the scale as stored, so dequantization reproduces exactly what we rounded to.
-        scale = scale.to(self.scale_dtype).float().clamp_min(2.0**-14)
-        g_idx = torch.arange(w.shape[1], device=w.device) // g
-        codes = quantize_codes(w, scale, zero, g_idx, self.bits)
+        out_f, in_f = weight.shape
+        g = min(self.group_size, in_f)
+        n_groups = math.ceil(in_f / g)
+        dev = weight.device
+        qweight = torch.empty(out_f, packed_row_bytes(in_f, self.bits), dtype=torch.uint8, device=dev)
+        scale_out = torch.empty(out_f, n_groups, dtype=self.scale_dtype, device=dev)
+        zero_out = torch.empty(out_f, n_groups, dtype=torch.uint8, device=dev)
+        g_idx = torch.arange(in_f, device=dev) // g
+        # Every step is row-wise, so quantizing a block of rows at a time gives the same bytes while the
+        # f32 temporaries (a few times rows x in x 4 bytes) stay bounded instead of growing with the tensor.
+        rows = max(1, _CHUNK_ELEMENTS // max(in_f, 1))
+        for r0 in range(0, out_f, rows):
+            r1 = min(out_f, r0 + rows)
+            w = weight[r0:r1].float()
+            mn, mx = group_min_max(w, g)
+            scale, zero = rtn_scale_zero(mn, mx, self.bits)
+            # Quantize against the scale as stored, so dequantization reproduces exactly what we rounded to.
+            scale = scale.to(self.scale_dtype).float().clamp_min(2.0**-14)
+            codes = quantize_codes(w, scale, zero, g_idx, self.bits)
+            del w
+            qweight[r0:r1] = pack_intg(codes, self.bits)
+            scale_out[r0:r1] = scale.to(self.scale_dtype)
+            zero_out[r0:r1] = zero.to(torch.uint8)
         return QuantizedTensor(
             scheme=self.name, layout=LAYOUT, bits=self.bits, group_size=g,
             shape=tuple(weight.shape), dtype=weight.dtype,
-            tensors={"qweight": pack_intg(codes, self.bits), "scale": scale.to(self.scale_dtype),
-                     "zero": zero.to(torch.uint8)},
+            tensors={"qweight": qweight, "scale": scale_out, "zero": zero_out},
         )
 
     def config(self) -> dict[str, Any]:
