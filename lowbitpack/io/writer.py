@@ -1,13 +1,31 @@
-"""Incremental safetensors shard writer: tensors are flushed to disk once a shard is full."""
+"""Incremental safetensors shard writer with bounded memory.
+
+Each tensor's bytes go to a spool file on disk as soon as it is added, so memory holds one tensor, never a
+whole output shard (a 2 GiB shard buffered in RAM would break the streaming memory bound). When a shard is
+full it is written as header + the spooled bytes, copied in chunks in safetensors' own order: the shard
+files are byte-identical to `safetensors.torch.save_file` of the same tensors (tests check this).
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .hashing import sha256_file
+
+COPY_CHUNK = 64 * 1024**2
+
+
+def _safetensors_layout(entries: dict[str, torch.dtype], metadata: dict[str, str]) -> dict:
+    """The header safetensors itself writes for these names and dtypes, read off a save of 1-element stand-ins:
+    its tensor order (by dtype, then name), dtype names and metadata do not depend on the shapes, so we follow
+    the installed version instead of copying its rules. Shapes and offsets are then filled in by the caller."""
+    probe = save({n: torch.zeros(1, dtype=dt) for n, dt in entries.items()}, metadata=metadata)
+    n = int.from_bytes(probe[:8], "little")
+    return json.loads(probe[8:8 + n])
 
 
 class ShardWriter:
@@ -21,10 +39,15 @@ class ShardWriter:
         # safetensors writes metadata keys in hash order: more than one key makes shard bytes
         # (and their sha256) differ from run to run, so keep a single key for reproducible artifacts.
         self.metadata = metadata or {"format": "pt"}
-        self._buf: dict[str, torch.Tensor] = {}
+        # name -> (dtype, shape, offset in the spool, nbytes) for the shard being filled
+        self._buf: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         self._buf_bytes = 0
+        self._spool = None
         self._tmp_files: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
+
+    def _spool_path(self) -> Path:
+        return self.dir / f".{self.prefix}-{len(self._tmp_files):05d}.spool"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._buf:
@@ -32,15 +55,43 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._buf and self._buf_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        self._buf[name] = tensor.detach().contiguous().cpu()
+        if self._spool is None:
+            self._spool = open(self._spool_path(), "wb")
+        t = tensor.detach().contiguous().cpu()
+        offset = self._spool.tell()
+        if nbytes:
+            self._spool.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._buf[name] = (t.dtype, list(t.shape), offset, nbytes)
         self._buf_bytes += nbytes
         self.total_bytes += nbytes
 
     def flush(self) -> None:
         if not self._buf:
             return
+        spool_path = self._spool_path()
+        self._spool.close()
+        self._spool = None
+        header = _safetensors_layout({n: v[0] for n, v in self._buf.items()}, self.metadata)
+        order = [k for k in header if k != "__metadata__"]
+        start = 0
+        for n in order:
+            _, shape, _, nbytes = self._buf[n]
+            header[n].update(shape=shape, data_offsets=[start, start + nbytes])
+            start += nbytes
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to a multiple of 8
         f = self.dir / f".{self.prefix}-{len(self._tmp_files):05d}.tmp.safetensors"
-        save_file(self._buf, str(f), metadata=self.metadata)
+        with open(f, "wb") as out, open(spool_path, "rb") as src:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            for n in order:
+                _, _, offset, nbytes = self._buf[n]
+                src.seek(offset)
+                while nbytes:
+                    chunk = src.read(min(COPY_CHUNK, nbytes))
+                    out.write(chunk)
+                    nbytes -= len(chunk)
+        os.unlink(spool_path)
         self._tmp_files.append((f, list(self._buf)))
         self._buf, self._buf_bytes = {}, 0
 
