@@ -11,7 +11,7 @@ from .artifact import Artifact
 def load_dequantized_model(artifact: str | Path | Artifact, dtype: torch.dtype = torch.float32,
                            device: str | torch.device = "cpu"):
     """A transformers model whose weights are the artifact's dequantized tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
     config = AutoConfig.from_pretrained(art.path)

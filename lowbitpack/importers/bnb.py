@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..artifact import ArtifactWriter, dtype_from_name
 from ..errors import InputError
 from ..flows.progress import progress_bar
 from ..io.atomic import atomic_dir, check_output
-from ..io.checkpoint import SourceCheckpoint
+from ..io.checkpoint import SourceCheckpoint, TensorReader
 from ..io.hashing import sha256_file, sha256_tensor
 from ..layouts.intg import LAYOUT as INTG_LAYOUT
 from ..layouts.intg import dequantize_intg
@@ -36,24 +35,6 @@ from ..qtensor import QuantizedTensor
 _QS_SUFFIX = ".quant_state.bitsandbytes__"
 _4BIT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 INT8_SCB_KEY = "bnb_scb"  # read back by lowbitpack.export.bnb
-
-
-class _Reader:
-    """Tensors by name, one shard handle kept open per shard."""
-
-    def __init__(self, ckpt: SourceCheckpoint):
-        self.ckpt = ckpt
-        self.handles: dict[str, Any] = {}
-
-    def __call__(self, name: str) -> torch.Tensor:
-        shard = self.ckpt.weight_map[name]
-        if shard not in self.handles:
-            try:
-                self.handles[shard] = safe_open(str(self.ckpt.path / shard), framework="pt")
-            except Exception as e:  # noqa: BLE001 - safetensors' own error types
-                raise InputError(f"cannot read tensors ({e.__class__.__name__})", self.ckpt.path / shard,
-                                 "the file is corrupt or truncated; re-download it") from None
-        return self.handles[shard].get_tensor(name)
 
 
 def _parse_state(raw: torch.Tensor, where: Path, name: str) -> dict[str, Any]:
@@ -175,7 +156,7 @@ def import_bnb(src_dir: str | Path, out: str | Path, force: bool = False, progre
     else:
         owned = {f"{m}.{k}" for m in eight_bit for k in ("weight", "SCB", "weight_format")}
         weights = [f"{m}.weight" for m in eight_bit]
-    read = _Reader(ckpt)
+    read = TensorReader(ckpt)
     t0 = time.perf_counter()
     kinds: dict[str, int] = {}
     with atomic_dir(out, force) as tmp, progress_bar(progress) as bar:

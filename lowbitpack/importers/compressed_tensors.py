@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..artifact import ArtifactWriter, dtype_from_name
 from ..errors import InputError
 from ..flows.progress import progress_bar
 from ..io.atomic import atomic_dir, check_output
-from ..io.checkpoint import SourceCheckpoint
+from ..io.checkpoint import SourceCheckpoint, TensorReader
 from ..io.hashing import sha256_file, sha256_tensor
 from ..layouts.bitpack import pack_bits
 from ..layouts.intg import LAYOUT, default_g_idx, dequantize_intg
@@ -95,18 +94,6 @@ def unpack_weight_codes(packed: torch.Tensor, bits: int, in_features: int, where
         return pack_bits(_legacy_unpack(packed, bits, in_features), bits)
     raise InputError(f"weight_packed has {packed.shape[1]} words per row; {bits}-bit rows of {in_features} need "
                      f"{dense_words}", where, "the checkpoint does not match its quantization_config")
-
-
-class _Reader:
-    def __init__(self, ckpt: SourceCheckpoint):
-        self.ckpt = ckpt
-        self.handles: dict[str, Any] = {}
-
-    def __call__(self, name: str) -> torch.Tensor:
-        shard = self.ckpt.weight_map[name]
-        if shard not in self.handles:
-            self.handles[shard] = safe_open(str(self.ckpt.path / shard), framework="pt")
-        return self.handles[shard].get_tensor(name)
 
 
 def _convert_module(module: str, group: dict, read, names: set[str], dtype: torch.dtype,
@@ -202,7 +189,7 @@ def import_compressed_tensors(
     if not modules:
         raise InputError("no *.weight_packed tensors", ckpt.path, "the checkpoint is not pack-quantized")
     owned = {f"{m}.{k}" for m in modules for k in _QKEYS}
-    read = _Reader(ckpt)
+    read = TensorReader(ckpt)
     t0 = time.perf_counter()
     bits_seen: dict[tuple, int] = {}
     with atomic_dir(out, force) as tmp, progress_bar(progress) as bar:

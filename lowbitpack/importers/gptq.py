@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..artifact import ArtifactWriter, dtype_from_name
 from ..errors import InputError
 from ..flows.progress import progress_bar
 from ..io.atomic import atomic_dir, check_output
-from ..io.checkpoint import SourceCheckpoint
+from ..io.checkpoint import SourceCheckpoint, TensorReader
 from ..io.hashing import sha256_file, sha256_tensor
 from ..layouts.intg import LAYOUT, default_g_idx, dequantize_intg
 from ..qtensor import QuantizedTensor
@@ -79,18 +78,6 @@ def module_overrides(module: str, q: dict[str, Any]) -> dict[str, Any] | None:
         if re.match(raw, module):
             return None if neg else dict(over or {})
     return {}
-
-
-class _Reader:
-    def __init__(self, ckpt: SourceCheckpoint):
-        self.ckpt = ckpt
-        self.handles: dict[str, Any] = {}
-
-    def __call__(self, name: str) -> torch.Tensor:
-        shard = self.ckpt.weight_map[name]
-        if shard not in self.handles:
-            self.handles[shard] = safe_open(str(self.ckpt.path / shard), framework="pt")
-        return self.handles[shard].get_tensor(name)
 
 
 def convert_module(module: str, read, names: set[str], bits: int, group_size: int, version: str,
@@ -173,7 +160,7 @@ def import_gptq(
                              "planar 5/6/7-bit packings are GPTQModel-specific")
         settings[m] = (b, g)
     owned = {f"{m}.{k}" for m in modules for k in _QKEYS}
-    read = _Reader(ckpt)
+    read = TensorReader(ckpt)
     t0 = time.perf_counter()
     with atomic_dir(out, force) as tmp, progress_bar(progress) as bar:
         source = {**ckpt.source_identity(), "path": str(ckpt.path.resolve()),

@@ -5,7 +5,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -168,3 +168,22 @@ def load_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:
         raise InputError(f"cannot read tensors ({e.__class__.__name__})", path, "the file is corrupt; re-create it") from None
+
+
+class TensorReader:
+    """Tensors of a checkpoint by name, for readers that jump between shards (the importers): one safetensors
+    handle kept open per shard, a corrupt shard reported with its path."""
+
+    def __init__(self, ckpt: "SourceCheckpoint"):
+        self.ckpt = ckpt
+        self.handles: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        shard = self.ckpt.weight_map[name]
+        if shard not in self.handles:
+            try:
+                self.handles[shard] = safe_open(str(self.ckpt.path / shard), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors' own error types
+                raise InputError(f"cannot read tensors ({e.__class__.__name__})", self.ckpt.path / shard,
+                                 "the file is corrupt or truncated; re-download it") from None
+        return self.handles[shard].get_tensor(name)
