@@ -30,11 +30,12 @@ from safetensors.torch import save_file
 
 from .artifact import MANIFEST, Artifact
 from .bundle import Bundle, open_bundle
-from .errors import BaseMismatchError, FormatVersionError, InputError, IntegrityError, OptionError
+from .errors import BaseMismatchError, FormatVersionError, InputError, OptionError
 from .flows.progress import progress_bar
 from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import SIDECAR_FILES, SourceCheckpoint, resolve_model_path
 from .io.hashing import sha256_file, sha256_tensor
+from .io.verify import check_recorded_files
 from .version import __version__
 
 MERGE_MANIFEST = "lowbitpack_merge.json"
@@ -438,16 +439,7 @@ def verify_merge_output(path: Path) -> dict[str, Any]:
     if not isinstance(files, dict) or not files:
         raise InputError("merge manifest records no file hashes (written by an older lowbitpack)", mpath,
                          "re-run the merge to get a verifiable output")
-    for name, info in files.items():
-        if (not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".")
-                or not isinstance(info, dict) or not isinstance(info.get("sha256"), str)):
-            raise InputError(f"malformed file record {name!r}", mpath, "re-run the merge")
-        f = path / name
-        if f.is_symlink() or not f.is_file():
-            raise IntegrityError("missing (or a symbolic link)", f, "restore the file or re-run the merge")
-        if sha256_file(f) != info["sha256"]:
-            raise IntegrityError("sha256 differs from the merge manifest", f,
-                                 "the file was modified or corrupted; re-run the merge")
+    check_recorded_files(path, files, mpath, record_name="merge manifest", rerun="re-run the merge")
     if (path / MANIFEST).is_file():
         Artifact.open(path, verify=True)
     return {"path": str(path), "kind": "merge", "files_checked": len(files), "ok": True}

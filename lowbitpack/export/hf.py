@@ -18,11 +18,12 @@ import torch
 from safetensors import safe_open
 
 from ..artifact import MANIFEST, Artifact, dtype_from_name
-from ..errors import FormatVersionError, InputError, IntegrityError, OptionError
+from ..errors import FormatVersionError, InputError, OptionError
 from ..flows.progress import progress_bar
 from ..io.atomic import atomic_dir, check_output
 from ..io.checkpoint import SIDECAR_FILES, SourceCheckpoint
 from ..io.hashing import sha256_file
+from ..io.verify import check_recorded_files
 from ..io.writer import ShardWriter
 from ..version import __version__
 
@@ -244,21 +245,8 @@ def verify_export(path: str | Path) -> dict[str, Any]:
     if not isinstance(files, dict) or not files:
         raise InputError("export record lists no file hashes (written by an older lowbitpack)", mpath,
                          "re-run `lowbitpack export` to get a verifiable output")
-    root = p.resolve()
-    for name, info in files.items():
-        if (not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name
-                or any(part in ("", ".", "..") or part.startswith(".") for part in name.split("/"))
-                or not isinstance(info, dict) or not isinstance(info.get("sha256"), str)):
-            raise InputError(f"malformed file record {name!r}", mpath, "re-run `lowbitpack export`")
-        f = p / name
-        if f.is_symlink() or not f.is_file() or root not in f.resolve().parents:
-            raise IntegrityError("missing (or a symbolic link)", f, "restore the file or re-run `lowbitpack export`")
-        if isinstance(info.get("bytes"), int) and f.stat().st_size != info["bytes"]:
-            raise IntegrityError(f"size {f.stat().st_size} differs from the export record ({info['bytes']})", f,
-                                 "the file was truncated or modified; re-run `lowbitpack export`")
-        if sha256_file(f) != info["sha256"]:
-            raise IntegrityError("sha256 differs from the export record", f,
-                                 "the file was modified or corrupted; re-run `lowbitpack export`")
+    check_recorded_files(p, files, mpath, record_name="export record", rerun="re-run `lowbitpack export`",
+                         nested=True)
     return {"path": str(p), "kind": "export", "target": m.get("target"), "files_checked": len(files), "ok": True}
 
 
