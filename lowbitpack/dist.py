@@ -564,22 +564,11 @@ class _PlannedShardWriter(ShardWriter):
     """ShardWriter's flush policy on shapes only: records which tensors go into which shard. The shard files
     are then written by the ranks (`_phase_write`); `finish()` is ShardWriter's (rename, hash, index)."""
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buf:
-            raise ValueError(f"duplicate tensor name {name}")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buf and self._buf_bytes + nbytes > self.max_shard_bytes:
-            self.flush()
-        self._buf[name] = tensor
-        self._buf_bytes += nbytes
-        self.total_bytes += nbytes
+    def _store(self, tensor: torch.Tensor, nbytes: int) -> None:
+        return None
 
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        f = self.dir / f".{self.prefix}-{len(self._tmp_files):05d}.tmp.safetensors"
-        self._tmp_files.append((f, list(self._buf)))
-        self._buf, self._buf_bytes = {}, 0
+    def _write_shard(self, f: Path) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -39,8 +40,8 @@ class ShardWriter:
         # safetensors writes metadata keys in hash order: more than one key makes shard bytes
         # (and their sha256) differ from run to run, so keep a single key for reproducible artifacts.
         self.metadata = metadata or {"format": "pt"}
-        # name -> (dtype, shape, offset in the spool, nbytes) for the shard being filled
-        self._buf: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        # name -> what `_store` kept (here: dtype, shape, offset in the spool, nbytes) for the shard being filled
+        self._buf: dict[str, Any] = {}
         self._buf_bytes = 0
         self._spool = None
         self._tmp_files: list[tuple[Path, list[str]]] = []
@@ -55,19 +56,30 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._buf and self._buf_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        if self._spool is None:
-            self._spool = open(self._spool_path(), "wb")
-        t = tensor.detach().contiguous().cpu()
-        offset = self._spool.tell()
-        if nbytes:
-            self._spool.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._buf[name] = (t.dtype, list(t.shape), offset, nbytes)
+        self._buf[name] = self._store(tensor, nbytes)
         self._buf_bytes += nbytes
         self.total_bytes += nbytes
 
     def flush(self) -> None:
         if not self._buf:
             return
+        f = self.dir / f".{self.prefix}-{len(self._tmp_files):05d}.tmp.safetensors"
+        self._write_shard(f)
+        self._tmp_files.append((f, list(self._buf)))
+        self._buf, self._buf_bytes = {}, 0
+
+    def _store(self, tensor: torch.Tensor, nbytes: int) -> tuple[torch.dtype, list[int], int, int]:
+        """Append the tensor's bytes to this shard's spool; keep only where they are."""
+        if self._spool is None:
+            self._spool = open(self._spool_path(), "wb")
+        t = tensor.detach().contiguous().cpu()
+        offset = self._spool.tell()
+        if nbytes:
+            self._spool.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return t.dtype, list(t.shape), offset, nbytes
+
+    def _write_shard(self, f: Path) -> None:
+        """Header + the spooled bytes in safetensors' order, then drop the spool."""
         spool_path = self._spool_path()
         self._spool.close()
         self._spool = None
@@ -80,7 +92,6 @@ class ShardWriter:
             start += nbytes
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to a multiple of 8
-        f = self.dir / f".{self.prefix}-{len(self._tmp_files):05d}.tmp.safetensors"
         with open(f, "wb") as out, open(spool_path, "rb") as src:
             out.write(len(text).to_bytes(8, "little"))
             out.write(text)
@@ -92,8 +103,6 @@ class ShardWriter:
                     out.write(chunk)
                     nbytes -= len(chunk)
         os.unlink(spool_path)
-        self._tmp_files.append((f, list(self._buf)))
-        self._buf, self._buf_bytes = {}, 0
 
     def finish(self) -> dict[str, dict]:
         """Name shards HF-style, write the index; return {shard file: {sha256, bytes}}."""
