@@ -30,12 +30,12 @@ from safetensors.torch import save_file
 
 from .artifact import MANIFEST, Artifact
 from .bundle import Bundle, open_bundle
-from .errors import BaseMismatchError, FormatVersionError, InputError, OptionError
+from .errors import BaseMismatchError, InputError, OptionError
 from .flows.progress import progress_bar
 from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import SIDECAR_FILES, SourceCheckpoint, resolve_model_path
 from .io.hashing import sha256_file, sha256_tensor
-from .io.verify import check_recorded_files
+from .io.verify import verify_recorded_dir
 from .version import __version__
 
 MERGE_MANIFEST = "lowbitpack_merge.json"
@@ -424,22 +424,8 @@ def _nbytes(info: dict) -> int:
 def verify_merge_output(path: Path) -> dict[str, Any]:
     """Check a merge output against the sha256 of every file in lowbitpack_merge.json (and, for PLR-j outputs in
     our format, the artifact manifest's own hashes). Raises IntegrityError / InputError."""
-    mpath = path / MERGE_MANIFEST
-    try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"merge manifest is not valid JSON ({e.__class__.__name__})", mpath,
-                         "the output is damaged; re-run the merge") from None
-    if not isinstance(m, dict) or m.get("format") != MERGE_FORMAT or not isinstance(m.get("format_version"), int):
-        raise InputError(f"not a {MERGE_FORMAT} manifest", mpath, "pass a directory written by `lowbitpack merge`")
-    if m["format_version"] > MERGE_FORMAT_VERSION:
-        raise FormatVersionError(f"format_version {m['format_version']} is newer than this lowbitpack reads "
-                                 f"({MERGE_FORMAT_VERSION})", mpath, "upgrade lowbitpack: pip install -U lowbitpack")
-    files = m.get("files")
-    if not isinstance(files, dict) or not files:
-        raise InputError("merge manifest records no file hashes (written by an older lowbitpack)", mpath,
-                         "re-run the merge to get a verifiable output")
-    check_recorded_files(path, files, mpath, record_name="merge manifest", rerun="re-run the merge")
+    _, n = verify_recorded_dir(path, MERGE_MANIFEST, MERGE_FORMAT, MERGE_FORMAT_VERSION, record_name="merge manifest",
+                               producer="lowbitpack merge", rerun="re-run the merge")
     if (path / MANIFEST).is_file():
         Artifact.open(path, verify=True)
-    return {"path": str(path), "kind": "merge", "files_checked": len(files), "ok": True}
+    return {"path": str(path), "kind": "merge", "files_checked": n, "ok": True}

@@ -18,12 +18,12 @@ import torch
 from safetensors import safe_open
 
 from ..artifact import MANIFEST, Artifact, dtype_from_name
-from ..errors import FormatVersionError, InputError, OptionError
+from ..errors import InputError, OptionError
 from ..flows.progress import progress_bar
 from ..io.atomic import atomic_dir, check_output
 from ..io.checkpoint import SIDECAR_FILES, SourceCheckpoint
 from ..io.hashing import sha256_file
-from ..io.verify import check_recorded_files
+from ..io.verify import verify_recorded_dir
 from ..io.writer import ShardWriter
 from ..version import __version__
 
@@ -226,28 +226,9 @@ def verify_export(path: str | Path) -> dict[str, Any]:
     Raises InputError (no / malformed record, or one written before records carried hashes), FormatVersionError
     (newer format) or IntegrityError (a recorded file missing, a symbolic link, or with different bytes)."""
     p = Path(path)
-    mpath = p / EXPORT_MANIFEST
-    try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("no lowbitpack_export.json here", p, "pass a directory written by `lowbitpack export`") \
-            from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"export record is not valid JSON ({e.__class__.__name__})", mpath,
-                         "the export is damaged; re-run `lowbitpack export`") from None
-    if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT or not isinstance(m.get("format_version"), int) \
-            or isinstance(m.get("format_version"), bool):
-        raise InputError(f"not a {EXPORT_FORMAT} record", mpath, "pass a directory written by `lowbitpack export`")
-    if m["format_version"] > EXPORT_FORMAT_VERSION:
-        raise FormatVersionError(f"format_version {m['format_version']} is newer than this lowbitpack reads "
-                                 f"({EXPORT_FORMAT_VERSION})", mpath, "upgrade lowbitpack: pip install -U lowbitpack")
-    files = m.get("files")
-    if not isinstance(files, dict) or not files:
-        raise InputError("export record lists no file hashes (written by an older lowbitpack)", mpath,
-                         "re-run `lowbitpack export` to get a verifiable output")
-    check_recorded_files(p, files, mpath, record_name="export record", rerun="re-run `lowbitpack export`",
-                         nested=True)
-    return {"path": str(p), "kind": "export", "target": m.get("target"), "files_checked": len(files), "ok": True}
+    m, n = verify_recorded_dir(p, EXPORT_MANIFEST, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, record_name="export record",
+                               producer="lowbitpack export", rerun="re-run `lowbitpack export`", nested=True)
+    return {"path": str(p), "kind": "export", "target": m.get("target"), "files_checked": n, "ok": True}
 
 
 def export_hf(
