@@ -108,13 +108,17 @@ def tiny_src(tmp_path_factory):
     return path, base / "calib.txt"
 
 
-@pytest.fixture(scope="module")
-def gptq_act_order_artifact(tiny_src, tmp_path_factory):
+def _act_order_artifact(tiny_src, tmp_path_factory, scheme: str):
     path, calib = tiny_src
-    out = tmp_path_factory.mktemp("gptq_art") / "g4"
-    lowbitpack.quantize(path, out, "gptq4", group_size=32, calib=calib, calib_samples=8, calib_seqlen=32,
+    out = tmp_path_factory.mktemp(f"{scheme}_art") / scheme
+    lowbitpack.quantize(path, out, scheme, group_size=32, calib=calib, calib_samples=8, calib_seqlen=32,
                         act_order=True, device="cpu", progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def gptq_act_order_artifact(tiny_src, tmp_path_factory):
+    return _act_order_artifact(tiny_src, tmp_path_factory, "gptq4")
 
 
 def _assert_same_artifact(a_path, b_path):
@@ -300,11 +304,7 @@ def _loaded_weights_equal(model, art) -> float:
 
 @pytest.fixture(scope="module")
 def gptq3_act_order_artifact(tiny_src, tmp_path_factory):
-    path, calib = tiny_src
-    out = tmp_path_factory.mktemp("gptq3_art") / "g3"
-    lowbitpack.quantize(path, out, "gptq3", group_size=32, calib=calib, calib_samples=8, calib_seqlen=32,
-                        act_order=True, device="cpu", progress=False)
-    return out
+    return _act_order_artifact(tiny_src, tmp_path_factory, "gptq3")
 
 
 def _load_export(loader: str, path):

@@ -218,8 +218,7 @@ class Study:
             base = BASES[name]
             line: dict = {"name": name, "bits": base.bits}
             for col in ["base", "QLoRA", "fold"] + [f"PLR{j}" for j in a.restores]:
-                r = rows.get(f"{col}-{name}")
-                line[col] = None if r is None else {"ppl": round(r["ppl"], 3), "acc": round(r["acc"], 4)}
+                line[col] = _cell(rows.get(f"{col}-{name}"))
             table.append(line)
         train = {"data": "kjv_split()['train'] (Old Testament minus Psalms)", "steps": a.steps, "batch": a.batch,
                  "seq_len": a.seq_len, "lr": a.lr, "r": a.r, "alpha": a.alpha, "targets": "q,k,v,o", "seed": a.seed}
