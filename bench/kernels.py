@@ -115,11 +115,14 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8", help="GEMV batch sizes (rows of x)")
     ap.add_argument("--warps", default="", help="also time our GEMVs with LOWBITPACK_GEMV_WARPS forced to each of "
                                                  "these (e.g. 4,8,16); methods get a -w<N> suffix")
+    ap.add_argument("--nf4-variants", default="", help="also time the NF4 GEMV with LOWBITPACK_NF4_SK[_L2] set to each "
+                    "VARIANT[:L2WINDOW] (e.g. w24pf1:0,w16pf2,off; off = the generic kernel)")
     ap.add_argument("--no-dequant", action="store_true", help="skip the dequantization timings")
     ap.add_argument("--no-baselines", action="store_true", help="skip cuBLAS and bitsandbytes GEMV timings")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     warps_variants = [""] + [w for w in args.warps.split(",") if w]
+    nf4_variants = [v for v in args.nf4_variants.split(",") if v]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
 
     ext = cuda_ext.load()
@@ -263,17 +266,33 @@ def main() -> None:
                                 n_c, args.inner, args.reps)
                     res["bnb"] = record("gemv", shape, "bnb-nf4", t, nf4_bytes, m)
                 t = time_op(lambda i: ext.nf4_gemv(x, *ours_nf4_args(i)), n_c, args.inner, args.reps)
-                res["ours_nf4"] = record("gemv", shape, "ours-nf4" + sfx, t, nf4_bytes, m)
-                # accuracy: ours vs dense product of bnb's dequantized weight
+                res["ours_nf4"] = record("gemv", shape, "ours-nf4" + sfx, t, nf4_bytes, m,
+                                         kernel=ext.last_nf4_gemv())
+                for v in ([] if wv else nf4_variants):
+                    # VARIANT[:L2WINDOW] -> LOWBITPACK_NF4_SK, LOWBITPACK_NF4_SK_L2 (cuda/nf4_gemv.cu)
+                    name, _, l2w = v.partition(":")
+                    os.environ["LOWBITPACK_NF4_SK"] = name
+                    if l2w:
+                        os.environ["LOWBITPACK_NF4_SK_L2"] = l2w
+                    t = time_op(lambda i: ext.nf4_gemv(x, *ours_nf4_args(i)), n_c, args.inner, args.reps)
+                    res[f"ours_nf4_{v}"] = record("gemv", shape, f"ours-nf4-{v}", t, nf4_bytes, m,
+                                                  kernel=ext.last_nf4_gemv())
+                    os.environ.pop("LOWBITPACK_NF4_SK")
+                    os.environ.pop("LOWBITPACK_NF4_SK_L2", None)
+                # accuracy against float64 products: with bnb's bf16-dequantized W (what dequantize + matmul
+                # computes) and with the exact fp32 weights quant_map[q] * absmax
                 wd = F.dequantize_4bit(*nf4_copies[0])
-                yref = (x.double() @ wd.double().t())
+                w32 = ext.nf4_dequant(*ours_nf4_args(0), torch.float32)
                 y_ours = ext.nf4_gemv(x, *ours_nf4_args(0)).double()
                 y_bnb = bnb.matmul_4bit(x, nf4_copies[0][0].t(), quant_state=nf4_copies[0][1]).double()
-                rel = lambda y: float((y - yref).norm() / yref.norm())  # noqa: E731
-                report["checks"].append({"check": "gemv rel err vs fp64 of dequantized W", "shape": list(shape),
-                                         "m": m, "warps": wv or "auto", "ours_nf4": rel(y_ours),
-                                         "bnb_nf4": rel(y_bnb)})
-                del wd
+                y_dense = torch.matmul(x, wd.t()).double()
+                check = {"check": "gemv rel err vs fp64", "shape": list(shape), "m": m, "warps": wv or "auto"}
+                for wname, wref in (("bf16_W", wd), ("fp32_W", w32)):
+                    yref = x.double() @ wref.double().t()
+                    for name, yv in (("ours_nf4", y_ours), ("bnb_nf4", y_bnb), ("dense_bf16", y_dense)):
+                        check[f"{name}_vs_{wname}"] = float((yv - yref).norm() / yref.norm())
+                report["checks"].append(check)
+                del wd, w32
             for bits in (4, 3, 2):
                 cp, nbytes = intg[bits]
                 n_c = len(cp)

@@ -1,7 +1,11 @@
 // Torch binding of the lowbitpack CUDA kernels (built by lowbitpack/kernels/cuda_ext.py with
 // torch.utils.cpp_extension.load). Validates what the kernels assume, allocates outputs on the current
 // stream's device, and maps torch dtypes to lowbit::DType. The kernels themselves are in the .cu files.
+#include <algorithm>
+#include <map>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include <c10/cuda/CUDAStream.h>
@@ -190,6 +194,20 @@ at::Tensor nf4_dequant(const at::Tensor& packed, const at::Tensor& quant_map, co
   return out;
 }
 
+// Which NF4 GEMV kernel the last nf4_gemv call ran ("stream-k" or "generic"): the two round differently
+// (lowbit_kernels.h), so the tests check each against its own exact product.
+std::string g_last_nf4_gemv;
+
+// Per-tile counters of the stream-K GEMV, one zeroed buffer per (device, stream): every call leaves them at
+// zero, and calls on one stream never overlap. Inside a CUDA-graph capture the first call on the capture
+// stream allocates from the graph's pool and records the zeroing in the graph; later calls reuse it.
+int* tile_counters(const at::Tensor& like, int64_t n, cudaStream_t stream) {
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> cache;
+  at::Tensor& buf = cache[{like.get_device(), stream}];
+  if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 4096)}, like.options().dtype(at::kInt));
+  return buf.data_ptr<int>();
+}
+
 at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& quant_map,
                     const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& absmax_code,
                     const std::optional<at::Tensor>& nested_map, const std::optional<at::Tensor>& nested_absmax,
@@ -199,11 +217,24 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
                       nested_blocksize, rows, cols);
   TORCH_CHECK(x.size(-1) == cols, "x has ", x.size(-1), " columns, weight has ", cols);
   at::Tensor y = gemv_out(x, rows);
-  check_launch(lowbit::nf4_gemv(p, x.data_ptr(), x.size(0), dtype_code(x.scalar_type()), y.data_ptr(),
-                                c10::cuda::getCurrentCUDAStream().stream()),
-               "nf4_gemv");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int xd = dtype_code(x.scalar_type());
+  const lowbit::Nf4GemvPlan plan = lowbit::nf4_gemv_plan(p, x.size(0), xd, x.data_ptr());
+  if (plan.ok) {
+    int* counters = tile_counters(packed, plan.n_tiles, stream);
+    at::Tensor partials = at::empty({plan.partial_floats}, packed.options().dtype(at::kFloat));
+    check_launch(lowbit::nf4_gemv_sk(p, plan, x.data_ptr(), x.size(0), xd, y.data_ptr(), partials.data_ptr<float>(),
+                                     counters, stream),
+                 "nf4_gemv (stream-K)");
+    g_last_nf4_gemv = "stream-k";
+    return y;
+  }
+  check_launch(lowbit::nf4_gemv(p, x.data_ptr(), x.size(0), xd, y.data_ptr(), stream), "nf4_gemv");
+  g_last_nf4_gemv = "generic";
   return y;
 }
+
+std::string last_nf4_gemv() { return g_last_nf4_gemv; }
 
 at::Tensor lowra_dequant(const std::vector<at::Tensor>& codes, const std::vector<at::Tensor>& codebooks,
                          const std::vector<at::Tensor>& rows_maps, int64_t rows, int64_t cols, at::ScalarType out_dtype) {
@@ -235,6 +266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("intg_gemv", &intg_gemv);
   m.def("nf4_dequant", &nf4_dequant);
   m.def("nf4_gemv", &nf4_gemv);
+  m.def("last_nf4_gemv", &last_nf4_gemv);
   m.def("lowra_dequant", &lowra_dequant);
   m.def("lowra_gemv", &lowra_gemv);
 }

@@ -110,10 +110,26 @@ def test_intg_unaligned_storage_uses_slow_path_correctly():
     check_gemv(cuda_ext.gemv_intg(x.to(DEV), dq), x, qt)
 
 
+def nf4_streamk_weights(qt: QuantizedTensor, xdtype: torch.dtype) -> torch.Tensor:
+    """The weights the stream-K NF4 GEMV multiplies by: quant_map rounded to x's dtype, times the fp32 absmax
+    (absmax is factored out of each 64-column sub-block, cuda/nf4_gemv.cu)."""
+    t = dict(qt.tensors)
+    t["quant_map"] = t["quant_map"].to(xdtype).float()
+    q2 = QuantizedTensor(scheme=qt.scheme, layout=qt.layout, bits=qt.bits, group_size=qt.group_size, shape=qt.shape,
+                         dtype=qt.dtype, tensors=t, params=qt.params)
+    return dispatch.reference(qt.layout)(q2, torch.float32)
+
+
 def check_gemv(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> None:
-    """y (device) against float64 x @ W^T with W = reference dequantization rounded to x's dtype."""
+    """y (device) against float64 x @ W^T with W = reference dequantization rounded to x's dtype (or, for the
+    stream-K NF4 kernel, the weights it multiplies by)."""
     assert y is not None and y.dtype == x.dtype and y.shape == (x.shape[0], qt.shape[0])
-    w = intg_reference(qt, x.dtype) if qt.layout == INTG else dispatch.reference(qt.layout)(qt, x.dtype)
+    if qt.layout == INTG:
+        w = intg_reference(qt, x.dtype)
+    elif qt.layout == "nf4-bnb-v1" and cuda_ext.load().last_nf4_gemv() == "stream-k":
+        w = nf4_streamk_weights(qt, x.dtype)
+    else:
+        w = dispatch.reference(qt.layout)(qt, x.dtype)
     ref = x.double() @ w.double().t()
     bound = x.double().abs() @ w.double().abs().t()
     eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[x.dtype]
@@ -213,20 +229,83 @@ def test_nf4_dequant_kernel_bit_exact(ext, dtype, blocksize):
         assert bits_equal(out2, ref)
 
 
+def nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, blocksize, rows, cols, xdtype, path):
+    """W as the kernel that ran (`path`) forms it: the generic core rounds each dequantized weight to x's
+    dtype; stream-K multiplies quant_map rounded to x's dtype by the fp32 absmax (exact in float64 here)."""
+    if path == "stream-k":
+        return nf4_formula(packed, qmap.to(xdtype).double(), code, nmap.double(), nabs.double(), offset.double(),
+                           blocksize, 256, rows, cols, torch.float64)
+    return nf4_formula(packed, qmap, code, nmap, nabs, offset, blocksize, 256, rows, cols, xdtype)
+
+
+def check_nf4_gemv(y, x, w):
+    """y against float64 x @ W^T: one rounding of the output plus fp32 accumulation error."""
+    ref = x.double() @ w.double().t()
+    bound = x.double().abs() @ w.double().abs().t()
+    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[x.dtype]
+    err = (y.cpu().double() - ref).abs()
+    tol = eps * ref.abs() + 2.0**-14 * bound + 1e-30
+    assert torch.isfinite(y.cpu().double()).all()
+    assert (err <= tol).all(), f"m={x.shape[0]}: worst err/tol {float((err / tol).max())}"
+
+
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 def test_nf4_gemv_kernel(ext, xdtype):
     for i, (rows, cols) in enumerate(NF4_SHAPES + [(300, 4096), (17, 14336)]):
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, 64, seed=50 + i)
-        w = nf4_formula(packed, qmap, code, nmap, nabs, offset, 64, 256, rows, cols, xdtype)
         d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
         for m in (1, 2, 8):
             x = torch.randn(m, cols, generator=torch.Generator().manual_seed(i)).to(xdtype)
             y = ext.nf4_gemv(x.to(DEV), d[0], d[1], None, d[2], d[3], d[4], float(offset), 64, 256, rows, cols)
-            ref = x.double() @ w.double().t()
-            bound = x.double().abs() @ w.double().abs().t()
-            eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[xdtype]
-            err = (y.cpu().double() - ref).abs()
-            assert (err <= eps * ref.abs() + 2.0**-14 * bound + 1e-30).all(), f"{(rows, cols)} m={m}"
+            path = ext.last_nf4_gemv()
+            check_nf4_gemv(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, 64, rows, cols, xdtype, path))
+
+
+# Shapes for the stream-K NF4 GEMV (cols % 128 == 0): tiles split over many warps, whole tiles per warp
+# (cols = 128: one iteration a tile), rows not a multiple of 16, and a model-sized one.
+NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 1024), (4096, 4096), (100, 1536)]
+
+
+@pytest.mark.parametrize("variant", ["", "w16pf2", "w32pf1"])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkeypatch):
+    """The stream-K kernel runs on every whole-iteration shape, for every absmax form and tuning variant,
+    computes its documented function, and is deterministic (the split tiles are summed in warp order)."""
+    if variant:
+        monkeypatch.setenv("LOWBITPACK_NF4_SK", variant)
+    for i, (rows, cols) in enumerate(NF4_SK_SHAPES):
+        packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, blocksize, seed=70 + i)
+        d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
+        w = nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, blocksize, rows, cols, xdtype, "stream-k")
+        am = None
+        if not double_quant:
+            am = (nmap[code.long()] * nabs[torch.arange(code.numel()) // 256] + offset).float()
+        for m in (1, 3, 8):
+            x = torch.randn(m, cols, generator=torch.Generator().manual_seed(i + m)).to(xdtype)
+            if double_quant:
+                args = (d[0], d[1], None, d[2], d[3], d[4], float(offset), blocksize, 256, rows, cols)
+            else:
+                args = (d[0], d[1], am.to(DEV), None, None, None, 0.0, blocksize, 256, rows, cols)
+            y = ext.nf4_gemv(x.to(DEV), *args)
+            assert ext.last_nf4_gemv() == "stream-k", (rows, cols)
+            check_nf4_gemv(y, x, w)
+            y2 = ext.nf4_gemv(x.to(DEV), *args)
+            assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), "not deterministic"
+
+
+def test_nf4_gemv_stream_k_off_and_fallbacks(ext, monkeypatch):
+    """Shapes it does not cover (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take the generic kernel."""
+    for rows, cols, bs, env in [(40, 1000, 64, ""), (40, 4096, 32, ""), (300, 4096, 64, "off")]:
+        monkeypatch.setenv("LOWBITPACK_NF4_SK", env)
+        packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, bs, seed=5)
+        d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
+        x = torch.randn(2, cols, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        y = ext.nf4_gemv(x.to(DEV), d[0], d[1], None, d[2], d[3], d[4], float(offset), bs, 256, rows, cols)
+        assert ext.last_nf4_gemv() == "generic"
+        check_nf4_gemv(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, bs, rows, cols, torch.bfloat16,
+                                              "generic"))
 
 
 def test_nf4_matches_bitsandbytes(ext):

@@ -1,0 +1,455 @@
+// NF4 fused GEMV, stream-K path: y[m, rows] = x[m, cols] @ W^T for 1 <= m <= 8 and whole 128-column
+// iterations (cols % 128 == 0, power-of-two blocksize >= 64). Other shapes use the generic core (nf4.cu).
+//
+// Why a second NF4 GEMV: the generic core rebuilds every weight exactly as dequantize() does (table lookup,
+// fp32 multiply by absmax, round), ~4 instructions a weight, and at 14336x4096 it is issue- and
+// latency-bound at ~27 us against a ~10 us memory floor. This kernel does ~1.5:
+//
+// 1. Absmax is factored out of the dot product. Within a 64-column sub-block every weight of a row shares
+//    one absmax, so y = sum_sub absmax * (sum_k r(quant_map[q_k]) * x_k), with r() rounding to x's dtype.
+//    The inner sums run on the tensor cores (mma.m16n8k16, fp32 accumulate) over a fresh accumulator per
+//    sub-block, then 4 FFMAs scale it. This is NOT bit-identical to dequantize()-then-matmul (there each
+//    weight is r(quant_map[q] * absmax)); both round each weight once, to the same relative precision. The
+//    tests check it against a float64 product with exactly these weights.
+// 2. One lookup gives two weights: a byte (two codes) indexes a 256-entry table of packed pairs
+//    {r(qm[hi]), r(qm[lo])}, which is directly an mma A register. The table is replicated per lane (entry e
+//    of lane l at byte e*256 + 4*l, 64 KB) so that a warp's 32 lookups hit 32 different banks, and one
+//    PRMT builds the address (byte 1 = the code byte, byte 0 = 4*lane). Per two weights: PRMT + LDS.
+// 3. Stream-K over a persistent grid: the (16-row tile, 128-column iteration) space is split evenly over
+//    all warps, so there is no partial last wave (896 tiles of 14336x4096 over 528 block slots was 1.7
+//    waves). A warp that covers a whole tile stores it; warps that share a tile write fp32 partials, count
+//    themselves on a per-tile counter, and the last one sums the partials in warp order (deterministic) and
+//    stores the tile. Counters are left at zero for the next call.
+//
+// Fragment mapping: lane = 4g + t owns rows g and g + 8 of the tile. For each 64-column sub-block it loads
+// the 8 code bytes of columns [16t, 16t + 16) of both rows. mma j (0..3) takes bytes 2j (k slots 2t, 2t+1)
+// and 2j + 1 (k slots 2t+8, 2t+9), i.e. columns 16t + 4j .. +3, so all 16 k slots of an mma lie in one
+// sub-block; B is x's own consecutive pairs of the same columns.
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+
+#include "common.cuh"
+
+namespace lowbit {
+namespace {
+
+// One block per SM (persistent), kWarps warps. The pair table must start at a 64 KB boundary of the
+// shared window so that one PRMT builds the whole address (bytes 2-3 = the table's, byte 1 = code byte,
+// byte 0 = 4 * lane); the dynamic shared memory starts at base 0x400 on sm_90, so the block asks for
+// 128 KB and places the table at the first 64 KB boundary, the nested map after it.
+constexpr int kSkLutBytes = 256 * 256;       // 256 entries x 256 bytes (32 lanes x 4 bytes used)
+constexpr int kSkSmemBytes = 2 * kSkLutBytes + 256 * 4;
+
+// Raw global bits of one iteration for one lane: codes of rows g / g + 8, sub-blocks A / B, and the raw
+// absmax bits of each row (nested: the uint8 code(s); plain: the fp32 absmax bits).
+template <bool kNested, bool kBs64>
+struct SkRaw {
+  static constexpr int kS = (!kNested && kBs64) ? 2 : 1;
+  uint2 c[2][2];
+  uint32_t s[2][kS];
+  float n[2];  // nested absmax of each row (kNested)
+};
+
+template <bool kNested, bool kBs64>
+struct SkArgs {
+  const uint8_t* packed;
+  const float* absmax;
+  const uint8_t* absmax_code;
+  const float* nested_absmax;
+  float offset;
+  int bs_shift;    // log2(blocksize)
+  int nbs_shift;   // log2(nested_blocksize)
+  int64_t rows, cols;
+  int n_it;        // cols / 128
+  int total;       // n_tiles * n_it (< 2^31, checked by the plan)
+  int l2_window;   // iterations a warp asks L2 to prefetch ahead (0: none)
+  float* partials; // [warps_total][2][128]
+  int* counters;   // [n_tiles], zero on entry and on exit
+};
+
+// Ask L2 to fetch [p, p + bytes) from DRAM (sm_90 bulk prefetch: no registers, no completion to wait for).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ uint2 ldg_stream8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// First flat iteration of warp w when `total` iterations are split over `nw` warps.
+__device__ __forceinline__ int sk_start(int w, int total, int nw) {
+  return static_cast<int>(static_cast<int64_t>(w) * total / nw);
+}
+// The warp whose range holds flat iteration f.
+__device__ __forceinline__ int sk_owner(int f, int total, int nw) {
+  return static_cast<int>(((static_cast<int64_t>(f) + 1) * nw - 1) / total);
+}
+
+template <typename XT, bool kNested, bool kBs64>
+struct SkWarp {
+  const SkArgs<kNested, kBs64>& a;
+  const XT* __restrict__ x;
+  XT* __restrict__ y;
+  int m;
+  int lane, g, t;
+  uint32_t lut;     // shared address of this lane's column of the pair table: table (64 KB aligned) + 4 * lane
+  uint32_t nmap;    // shared address of the nested map
+  const XT* xl;     // x row g, this lane's first column (16 * t)
+  int gw, nw;
+  int begin, end;  // this warp's flat range
+
+  // Fetch cursor: the next iteration to load, its rows' code pointers (this lane's bytes) and the
+  // address bits of the absmax lookups.
+  int f_tile, f_it;
+  const uint8_t* p0;
+  const uint8_t* p1;
+
+  // Point the cursor at iteration `it` of `tile`.
+  __device__ __forceinline__ void set_fetch_tile(int tile, int it) {
+    f_tile = tile;
+    f_it = it;
+    const int64_t r0 = min(static_cast<int64_t>(tile) * 16 + g, a.rows - 1);
+    const int64_t r1 = min(static_cast<int64_t>(tile) * 16 + g + 8, a.rows - 1);
+    p0 = a.packed + r0 * (a.cols >> 1) + 64 * it + 8 * t;
+    p1 = a.packed + r1 * (a.cols >> 1) + 64 * it + 8 * t;
+  }
+
+  // DRAM serves 64-byte pieces of 16 rows badly; so each warp asks L2 for whole row spans of its range,
+  // `l2_window` iterations at a time, a window ahead of the loads. Lanes 4g and 4g + 1 issue rows g, g + 8.
+  __device__ __forceinline__ void prefetch_window(int from_it, int n) const {
+    const int stop = min(a.n_it, min(from_it + n, end - f_tile * a.n_it));
+    if (stop > from_it && t < 2) {
+      const uint8_t* rowp = (t == 0 ? p0 : p1) - 8 * t + 64 * (from_it - f_it);
+      prefetch_l2(rowp, static_cast<uint32_t>(64 * (stop - from_it)));
+    }
+  }
+
+  __device__ __forceinline__ void fetch_row(const uint8_t* p, int slot, SkRaw<kNested, kBs64>& r) const {
+    r.c[slot][0] = ldg_stream8(p);
+    r.c[slot][1] = ldg_stream8(p + 32);
+    // absmax block of sub-block A: element (2 * byte offset) >> log2(blocksize); the lane's 8 * t bytes
+    // never cross a block (blocksize >= 64). Even when blocksize is 64 (cols % 128 == 0).
+    const uint32_t blk = static_cast<uint32_t>((p - a.packed) >> (a.bs_shift - 1));
+    if constexpr (kNested) {
+      if constexpr (kBs64) r.s[slot][0] = __ldg(reinterpret_cast<const uint16_t*>(a.absmax_code + blk));
+      else r.s[slot][0] = __ldg(a.absmax_code + blk);
+      r.n[slot] = __ldg(a.nested_absmax + (blk >> a.nbs_shift));
+    } else {
+      if constexpr (kBs64) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(a.absmax + blk));
+        r.s[slot][0] = v.x;
+        r.s[slot][1] = v.y;
+      } else {
+        r.s[slot][0] = __float_as_uint(__ldg(a.absmax + blk));
+      }
+    }
+  }
+
+  // Load the next iteration into r and advance the fetch cursor.
+  __device__ __forceinline__ void fetch(SkRaw<kNested, kBs64>& r) {
+    fetch_row(p0, 0, r);
+    fetch_row(p1, 1, r);
+    p0 += 64;
+    p1 += 64;
+    if (++f_it == a.n_it) {
+      set_fetch_tile(f_tile + 1, 0);
+      if (a.l2_window) prefetch_window(0, 2 * a.l2_window);
+    } else if (a.l2_window && f_it % a.l2_window == 0) {
+      prefetch_window(f_it + a.l2_window, a.l2_window);
+    }
+  }
+
+  __device__ __forceinline__ float absmax_of(const SkRaw<kNested, kBs64>& r, int slot, int sub) const {
+    if constexpr (kNested) {
+      const uint32_t code = kBs64 ? ((r.s[slot][0] >> (8 * sub)) & 0xFFu) : r.s[slot][0];
+      return __fadd_rn(__fmul_rn(lds_f32(nmap + 4 * code), r.n[slot]), a.offset);
+    } else {
+      return __uint_as_float(r.s[slot][kBs64 ? sub : 0]);
+    }
+  }
+
+  // The pair {r(qm[hi nibble]), r(qm[lo nibble])} for byte b of w.
+  __device__ __forceinline__ uint32_t pair(uint32_t w, int b) const {
+    uint32_t v;
+    // byte 1 of the address <- code byte b of w; the other bytes from lut
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(prmt(w, lut, 0x7604u | (static_cast<uint32_t>(b) << 4))));
+    return v;
+  }
+
+  // acc += this iteration (column block it) of rows g, g + 8.
+  __device__ __forceinline__ void compute(const SkRaw<kNested, kBs64>& r, int it, float (&acc)[4]) const {
+    const bool active = g < m;
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {
+      uint32_t xw[8];
+      if (active) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xl + it * 128 + 64 * sub);
+        const uint4 v0 = __ldg(xp), v1 = __ldg(xp + 1);
+        xw[0] = v0.x; xw[1] = v0.y; xw[2] = v0.z; xw[3] = v0.w;
+        xw[4] = v1.x; xw[5] = v1.y; xw[6] = v1.z; xw[7] = v1.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xw[i] = 0u;
+      }
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t w0 = (j < 2) ? r.c[0][sub].x : r.c[0][sub].y;
+        const uint32_t w1 = (j < 2) ? r.c[1][sub].x : r.c[1][sub].y;
+        const int b = 2 * (j & 1);
+        mma16816<XT>(d, pair(w0, b), pair(w1, b), pair(w0, b + 1), pair(w1, b + 1), xw[2 * j], xw[2 * j + 1]);
+      }
+      const float am0 = absmax_of(r, 0, sub), am1 = absmax_of(r, 1, sub);
+      acc[0] = fmaf(am0, d[0], acc[0]);
+      acc[1] = fmaf(am0, d[1], acc[1]);
+      acc[2] = fmaf(am1, d[2], acc[2]);
+      acc[3] = fmaf(am1, d[3], acc[3]);
+    }
+  }
+
+  __device__ __forceinline__ void store_tile(int tile, const float (&v)[4]) const {
+    const int64_t r0 = tile * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int n = 2 * t + i;
+      if (n < m) {
+        if (r0 < a.rows) y[n * a.rows + r0] = Cvt<XT>::from(v[i]);
+        if (r1 < a.rows) y[n * a.rows + r1] = Cvt<XT>::from(v[2 + i]);
+      }
+    }
+  }
+
+  // Partial slot of warp w in `tile`: 0 for the tile its range starts in, 1 for the one it ends in.
+  __device__ __forceinline__ int64_t slot_index(int w, int tile) const {
+    const int first_tile = sk_start(w, a.total, nw) / a.n_it;
+    return (static_cast<int64_t>(w) * 2 + (tile == first_tile ? 0 : 1)) * 128;
+  }
+
+  __device__ __forceinline__ bool whole(int tile) const {
+    return tile * a.n_it >= begin && (tile + 1) * a.n_it <= end;
+  }
+
+  // Publish this warp's partial sums of a shared tile; the last of its warps to arrive sums and stores it.
+  // Called only once the warp's loads are done (a fence waits for the thread's outstanding memory ops).
+  __device__ __forceinline__ void flush_partial(int tile, float a0, float a1, float a2, float a3) const {
+    const int t0 = tile * a.n_it, t1 = t0 + a.n_it;
+    float4* mine = reinterpret_cast<float4*>(a.partials + slot_index(gw, tile)) + lane;
+    __stcg(mine, make_float4(a0, a1, a2, a3));
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    __syncwarp();
+    const int first = sk_owner(t0, a.total, nw), last = sk_owner(t1 - 1, a.total, nw);
+    int done = 0;
+    if (lane == 0) done = atomicAdd(a.counters + tile, 1) == static_cast<int>(last - first);
+    if (!__shfl_sync(0xffffffffu, done, 0)) return;
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int w = first; w <= last; ++w) {  // warp order: the same sum whichever warp completes
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(a.partials + slot_index(w, tile)) + lane);
+      s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
+    }
+    store_tile(tile, s);
+    if (lane == 0) a.counters[tile] = 0;
+  }
+};
+
+template <typename XT, bool kNested, bool kBs64, int kWarps, int kPF>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    nf4_gemv_sk_kernel(const SkArgs<kNested, kBs64> a, const float* __restrict__ quant_map,
+                       const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int nw = static_cast<int>(gridDim.x) * kWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kWarps + warp;
+  const uint32_t base = smem_addr(smem);
+  const uint32_t table = (base + 0xFFFFu) & ~0xFFFFu;
+  uint8_t* const table_ptr = smem + (table - base);
+  SkWarp<XT, kNested, kBs64> W{a, x, y, m, lane, g, t, table + 4u * static_cast<uint32_t>(lane),
+                               table + kSkLutBytes, x + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t,
+                               gw, nw, sk_start(gw, a.total, nw), sk_start(gw + 1, a.total, nw)};
+  // Ring of kPF + 1 buffers: iteration begin + i sits in buf[i % (kPF + 1)].
+  SkRaw<kNested, kBs64> buf[kPF + 1];
+  W.set_fetch_tile(W.begin / a.n_it, W.begin % a.n_it);
+  if (a.l2_window) W.prefetch_window(W.f_it, 2 * a.l2_window);
+#pragma unroll
+  for (int i = 0; i < kPF; ++i)
+    if (W.begin + i < W.end) W.fetch(buf[i]);
+
+  // Tables, while the first codes are in flight. Entry e of lane l: {r(qm[e >> 4]), r(qm[e & 15])}.
+  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+    const int e = i >> 3, q = i & 7;  // 8 x 16 bytes = lanes 4q .. 4q + 3 of entry e
+    const uint32_t v = Cvt<XT>::pack2(__ldg(quant_map + (e >> 4)), __ldg(quant_map + (e & 15)));
+    *reinterpret_cast<uint4*>(table_ptr + e * 256 + q * 16) = make_uint4(v, v, v, v);
+  }
+  if constexpr (kNested) {
+    float* nm = reinterpret_cast<float*>(table_ptr + kSkLutBytes);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nm[i] = __ldg(nested_map + i);
+  }
+  __syncthreads();
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // A range starting inside a tile shares that tile with the warp before it: its sums wait in `first`
+  // until the loop is done, so that the fences (which wait for the warp's loads) run after the last load.
+  float first[4] = {0.f, 0.f, 0.f, 0.f};
+  const int first_tile = W.begin / a.n_it;
+  int tile = first_tile;
+  int it = W.begin % a.n_it;
+  for (int f = W.begin; f < W.end; f += kPF + 1) {
+#pragma unroll
+    for (int u = 0; u <= kPF; ++u) {
+      if (f + u < W.end) {
+        if (f + u + kPF < W.end) W.fetch(buf[(u + kPF) % (kPF + 1)]);
+        W.compute(buf[u], it, acc);
+        if (++it == a.n_it || f + u + 1 == W.end) {
+          if (W.whole(tile)) {
+            W.store_tile(tile, acc);
+            acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          } else if (f + u + 1 < W.end) {  // the first tile, shared with the warp before
+#pragma unroll
+            for (int i = 0; i < 4; ++i) first[i] = acc[i];
+            acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          }  // else: the range ends inside a shared tile; acc keeps its sums for below
+          it = 0;
+          ++tile;
+        }
+      }
+    }
+  }
+  if (W.begin >= W.end) return;
+  const int last_tile = (W.end - 1) / a.n_it;
+  if (first_tile != last_tile && !W.whole(first_tile))
+    W.flush_partial(first_tile, first[0], first[1], first[2], first[3]);
+  if (!W.whole(last_tile)) W.flush_partial(last_tile, acc[0], acc[1], acc[2], acc[3]);
+}
+
+// Tuning variants (LOWBITPACK_NF4_SK=w16pf2|w24pf1|w32pf1, off = the generic core; bench/kernels.py compares
+// them). The default is the one measured fastest on the H100 (docs/KERNELS.md).
+constexpr int kDefaultL2Window = 4;
+
+template <typename XT, bool kNested, bool kBs64>
+using SkKernel = void (*)(const SkArgs<kNested, kBs64>, const float*, const float*, const XT*, int, XT*);
+
+template <typename XT, bool kNested, bool kBs64>
+SkKernel<XT, kNested, kBs64> pick_variant(int* warps) {
+  const char* v = std::getenv("LOWBITPACK_NF4_SK");
+  const std::string s = v ? v : "";
+  if (s == "w16pf2") { *warps = 16; return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2>; }
+  if (s == "w32pf1") { *warps = 32; return nf4_gemv_sk_kernel<XT, kNested, kBs64, 32, 1>; }
+  *warps = 24;
+  return nf4_gemv_sk_kernel<XT, kNested, kBs64, 24, 1>;
+}
+
+// Raise the kernel's dynamic shared-memory limit once per (kernel, device): the attribute call costs
+// microseconds, which a 1-token GEMV should not pay every time.
+cudaError_t allow_smem(const void* kern) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const std::lock_guard<std::mutex> lock(mu);
+  if (done.count({kern, dev})) return cudaSuccess;
+  e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSkSmemBytes);
+  if (e == cudaSuccess) done.insert({kern, dev});
+  return e;
+}
+
+template <typename XT, bool kNested, bool kBs64>
+cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, int m, void* y, float* partials,
+                   int* counters, cudaStream_t stream) {
+  SkArgs<kNested, kBs64> a{};
+  a.packed = p.packed;
+  a.absmax = p.absmax;
+  a.absmax_code = p.absmax_code;
+  a.nested_absmax = p.nested_absmax;
+  a.offset = p.offset;
+  a.bs_shift = log2_exact(p.blocksize);
+  a.nbs_shift = kNested ? log2_exact(p.nested_blocksize) : 0;
+  a.rows = p.rows;
+  a.cols = p.cols;
+  a.n_it = static_cast<int>(p.cols / 128);
+  a.total = static_cast<int>(plan.n_tiles * a.n_it);
+  a.partials = partials;
+  a.counters = counters;
+  const char* l2 = std::getenv("LOWBITPACK_NF4_SK_L2");  // tuning: L2 prefetch window, 0 = off
+  a.l2_window = l2 ? std::atoi(l2) : kDefaultL2Window;
+  int warps = 0;
+  const auto kern = pick_variant<XT, kNested, kBs64>(&warps);
+  if (warps != plan.warps) return cudaErrorInvalidValue;  // the plan was made for another variant
+  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern));
+  if (e != cudaSuccess) return e;
+  kern<<<plan.blocks, warps * 32, kSkSmemBytes, stream>>>(a, p.quant_map, p.nested_map, static_cast<const XT*>(x), m,
+                                                          static_cast<XT*>(y));
+  return cudaGetLastError();
+}
+
+template <typename XT>
+cudaError_t run_sk_dtype(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, int m, void* y, float* partials,
+                         int* counters, cudaStream_t stream) {
+  const bool nested = p.absmax == nullptr, bs64 = p.blocksize == 64;
+  if (nested && bs64) return run_sk<XT, true, true>(p, plan, x, m, y, partials, counters, stream);
+  if (nested) return run_sk<XT, true, false>(p, plan, x, m, y, partials, counters, stream);
+  if (bs64) return run_sk<XT, false, true>(p, plan, x, m, y, partials, counters, stream);
+  return run_sk<XT, false, false>(p, plan, x, m, y, partials, counters, stream);
+}
+
+}  // namespace
+
+Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void* x) {
+  Nf4GemvPlan plan{};
+  if (std::getenv("LOWBITPACK_NF4_SK") && std::string(std::getenv("LOWBITPACK_NF4_SK")) == "off") return plan;
+  const bool nested = p.absmax == nullptr;
+  const auto addr = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
+  if (m < 1 || m > 8 || (x_dtype != kBF16 && x_dtype != kF16)) return plan;
+  if (p.cols % 128 != 0 || p.cols / 128 >= (int64_t(1) << 30) || p.rows < 1) return plan;
+  if (log2_exact(p.blocksize) < 6 || (nested && log2_exact(p.nested_blocksize) < 1)) return plan;
+  if (addr(p.packed) % 16 != 0 || addr(x) % 16 != 0) return plan;
+  if (nested ? addr(p.absmax_code) % 2 != 0 : addr(p.absmax) % 8 != 0) return plan;
+  const int64_t n_tiles = (p.rows + 15) / 16;
+  const int64_t total = n_tiles * (p.cols / 128);
+  if (total >= (int64_t(1) << 31) / 8 || (p.rows * p.cols) >> log2_exact(p.blocksize) >= (int64_t(1) << 32)) return plan;
+
+  // Device facts, read once per device.
+  static int sms_of[64] = {0}, smem_of[64] = {0};
+  int dev = 0, warps = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) {
+    cudaGetLastError();
+    return plan;
+  }
+  if (sms_of[dev] == 0 &&
+      (cudaDeviceGetAttribute(&smem_of[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+       cudaDeviceGetAttribute(&sms_of[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)) {
+    cudaGetLastError();  // the generic path runs instead
+    sms_of[dev] = 0;
+    return plan;
+  }
+  const int sms = sms_of[dev];
+  if (smem_of[dev] < kSkSmemBytes) return plan;
+  pick_variant<__nv_bfloat16, true, true>(&warps);
+  // Persistent: one block per SM, every warp with at least one iteration (a tile's contributors are
+  // counted from the split, so an empty warp would never arrive).
+  const int64_t blocks = imin64(sms, total / warps);
+  if (blocks < 1) return plan;
+  plan.ok = true;
+  plan.blocks = static_cast<int>(blocks);
+  plan.n_tiles = n_tiles;
+  plan.warps = warps;
+  plan.partial_floats = blocks * warps * 2 * 128;
+  return plan;
+}
+
+cudaError_t nf4_gemv_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, int64_t m, int x_dtype, void* y,
+                        float* partials, int* counters, cudaStream_t stream) {
+  if (!plan.ok) return cudaErrorInvalidValue;
+  if (x_dtype == kBF16)
+    return run_sk_dtype<__nv_bfloat16>(p, plan, x, static_cast<int>(m), y, partials, counters, stream);
+  return run_sk_dtype<__half>(p, plan, x, static_cast<int>(m), y, partials, counters, stream);
+}
+
+}  // namespace lowbit
