@@ -87,7 +87,9 @@ cudaError_t lowra_gemv(const LowraParams& p, const void* x, int64_t m, int x_dty
 struct Nf4GemvPlan {
   bool ok;
   int blocks;
-  int warps;
+  int warps;  // per block
+  int group;  // warps that work on one tile together
+  int pf;     // iterations each warp keeps in flight
   int64_t n_tiles;
   int64_t partial_floats;
 };

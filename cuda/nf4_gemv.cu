@@ -25,6 +25,7 @@
 // the 8 code bytes of columns [16t, 16t + 16) of both rows. mma j (0..3) takes bytes 2j (k slots 2t, 2t+1)
 // and 2j + 1 (k slots 2t+8, 2t+9), i.e. columns 16t + 4j .. +3, so all 16 k slots of an mma lie in one
 // sub-block; B is x's own consecutive pairs of the same columns.
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <set>
@@ -36,12 +37,13 @@
 namespace lowbit {
 namespace {
 
-// One block per SM (persistent), kWarps warps. The pair table must start at a 64 KB boundary of the
-// shared window so that one PRMT builds the whole address (bytes 2-3 = the table's, byte 1 = code byte,
-// byte 0 = 4 * lane); the dynamic shared memory starts at base 0x400 on sm_90, so the block asks for
-// 128 KB and places the table at the first 64 KB boundary, the nested map after it.
-constexpr int kSkLutBytes = 256 * 256;       // 256 entries x 256 bytes (32 lanes x 4 bytes used)
-constexpr int kSkSmemBytes = 2 * kSkLutBytes + 256 * 4;
+// One block per SM (persistent). The pair table must start at a 64 KB boundary of the shared window so
+// that one PRMT builds the whole address (bytes 2-3 = the table's, byte 1 = code byte, byte 0 = 4 * lane);
+// the dynamic shared memory starts at 0x400 on sm_90, so the block asks for 128 KB and places the table at
+// the first 64 KB boundary, the nested map and the group reduction buffers after it.
+constexpr int kSkLutBytes = 256 * 256;  // 256 entries x 256 bytes (32 lanes x 4 bytes used)
+constexpr int kSkSmemBase = 2 * kSkLutBytes + 256 * 4;
+__host__ __device__ constexpr int sk_smem_bytes(int warps) { return kSkSmemBase + 2 * warps * 32 * 16; }
 
 // Raw global bits of one iteration for one lane: codes of rows g / g + 8, sub-blocks A / B, and the raw
 // absmax bits of each row (nested: the uint8 code(s); plain: the fp32 absmax bits).
@@ -63,19 +65,12 @@ struct SkArgs {
   int bs_shift;    // log2(blocksize)
   int nbs_shift;   // log2(nested_blocksize)
   int64_t rows, cols;
-  int n_it;        // cols / 128
-  int total;       // n_tiles * n_it (< 2^31, checked by the plan)
-  int l2_window;   // iterations a warp asks L2 to prefetch ahead (0: none)
-  float* partials; // [warps_total][2][128]
+  int group;       // warps that share one tile at a time (divides n_it and the block's warps)
+  int n_steps;     // n_it / group: steps of a tile (a step = one 128-column iteration per warp of the group)
+  int total;       // n_tiles * n_steps (< 2^31, checked by the plan)
+  float* partials; // [groups_total][2][128]
   int* counters;   // [n_tiles], zero on entry and on exit
 };
-
-// Ask L2 to fetch [p, p + bytes) from DRAM (sm_90 bulk prefetch: no registers, no completion to wait for).
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
 
 __device__ __forceinline__ uint2 ldg_stream8(const void* p) {
   uint2 v;
@@ -83,11 +78,15 @@ __device__ __forceinline__ uint2 ldg_stream8(const void* p) {
   return v;
 }
 
-// First flat iteration of warp w when `total` iterations are split over `nw` warps.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// First step of worker w when `total` steps are split over `nw` workers (warp groups).
 __device__ __forceinline__ int sk_start(int w, int total, int nw) {
   return static_cast<int>(static_cast<int64_t>(w) * total / nw);
 }
-// The warp whose range holds flat iteration f.
+// The worker whose range holds step f.
 __device__ __forceinline__ int sk_owner(int f, int total, int nw) {
   return static_cast<int>(((static_cast<int64_t>(f) + 1) * nw - 1) / total);
 }
@@ -99,36 +98,26 @@ struct SkWarp {
   XT* __restrict__ y;
   int m;
   int lane, g, t;
+  int wig;          // warp index in its group: this warp does iteration step * group + wig of each step
   uint32_t lut;     // shared address of this lane's column of the pair table: table (64 KB aligned) + 4 * lane
   uint32_t nmap;    // shared address of the nested map
   const XT* xl;     // x row g, this lane's first column (16 * t)
-  int gw, nw;
-  int begin, end;  // this warp's flat range
+  int gw, nw;       // this warp's group (the stream-K worker) and the number of groups
+  int begin, end;   // the group's range of steps
 
-  // Fetch cursor: the next iteration to load, its rows' code pointers (this lane's bytes) and the
-  // address bits of the absmax lookups.
-  int f_tile, f_it;
+  // Fetch cursor: the next step to load and its rows' code pointers (this lane's bytes).
+  int f_tile, f_step;
   const uint8_t* p0;
   const uint8_t* p1;
 
-  // Point the cursor at iteration `it` of `tile`.
-  __device__ __forceinline__ void set_fetch_tile(int tile, int it) {
+  __device__ __forceinline__ void set_fetch_tile(int tile, int step) {
     f_tile = tile;
-    f_it = it;
+    f_step = step;
     const int64_t r0 = min(static_cast<int64_t>(tile) * 16 + g, a.rows - 1);
     const int64_t r1 = min(static_cast<int64_t>(tile) * 16 + g + 8, a.rows - 1);
+    const int it = step * a.group + wig;
     p0 = a.packed + r0 * (a.cols >> 1) + 64 * it + 8 * t;
     p1 = a.packed + r1 * (a.cols >> 1) + 64 * it + 8 * t;
-  }
-
-  // DRAM serves 64-byte pieces of 16 rows badly; so each warp asks L2 for whole row spans of its range,
-  // `l2_window` iterations at a time, a window ahead of the loads. Lanes 4g and 4g + 1 issue rows g, g + 8.
-  __device__ __forceinline__ void prefetch_window(int from_it, int n) const {
-    const int stop = min(a.n_it, min(from_it + n, end - f_tile * a.n_it));
-    if (stop > from_it && t < 2) {
-      const uint8_t* rowp = (t == 0 ? p0 : p1) - 8 * t + 64 * (from_it - f_it);
-      prefetch_l2(rowp, static_cast<uint32_t>(64 * (stop - from_it)));
-    }
   }
 
   __device__ __forceinline__ void fetch_row(const uint8_t* p, int slot, SkRaw<kNested, kBs64>& r) const {
@@ -152,18 +141,13 @@ struct SkWarp {
     }
   }
 
-  // Load the next iteration into r and advance the fetch cursor.
+  // Load the next step into r and advance the fetch cursor.
   __device__ __forceinline__ void fetch(SkRaw<kNested, kBs64>& r) {
     fetch_row(p0, 0, r);
     fetch_row(p1, 1, r);
-    p0 += 64;
-    p1 += 64;
-    if (++f_it == a.n_it) {
-      set_fetch_tile(f_tile + 1, 0);
-      if (a.l2_window) prefetch_window(0, 2 * a.l2_window);
-    } else if (a.l2_window && f_it % a.l2_window == 0) {
-      prefetch_window(f_it + a.l2_window, a.l2_window);
-    }
+    p0 += 64 * a.group;
+    p1 += 64 * a.group;
+    if (++f_step == a.n_steps) set_fetch_tile(f_tile + 1, 0);
   }
 
   __device__ __forceinline__ float absmax_of(const SkRaw<kNested, kBs64>& r, int slot, int sub) const {
@@ -183,7 +167,7 @@ struct SkWarp {
     return v;
   }
 
-  // acc += this iteration (column block it) of rows g, g + 8.
+  // acc += iteration `it` (columns 128 it ..) of rows g, g + 8.
   __device__ __forceinline__ void compute(const SkRaw<kNested, kBs64>& r, int it, float (&acc)[4]) const {
     const bool active = g < m;
 #pragma unroll
@@ -215,7 +199,7 @@ struct SkWarp {
   }
 
   __device__ __forceinline__ void store_tile(int tile, const float (&v)[4]) const {
-    const int64_t r0 = tile * 16 + g, r1 = r0 + 8;
+    const int64_t r0 = static_cast<int64_t>(tile) * 16 + g, r1 = r0 + 8;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int n = 2 * t + i;
@@ -226,33 +210,34 @@ struct SkWarp {
     }
   }
 
-  // Partial slot of warp w in `tile`: 0 for the tile its range starts in, 1 for the one it ends in.
+  __device__ __forceinline__ bool whole(int tile) const {
+    return tile * a.n_steps >= begin && (tile + 1) * a.n_steps <= end;
+  }
+
+  // Partial slot of group w in `tile`: 0 for the tile its range starts in, 1 for the one it ends in.
   __device__ __forceinline__ int64_t slot_index(int w, int tile) const {
-    const int first_tile = sk_start(w, a.total, nw) / a.n_it;
+    const int first_tile = sk_start(w, a.total, nw) / a.n_steps;
     return (static_cast<int64_t>(w) * 2 + (tile == first_tile ? 0 : 1)) * 128;
   }
 
-  __device__ __forceinline__ bool whole(int tile) const {
-    return tile * a.n_it >= begin && (tile + 1) * a.n_it <= end;
-  }
-
-  // Publish this warp's partial sums of a shared tile; the last of its warps to arrive sums and stores it.
-  // Called only once the warp's loads are done (a fence waits for the thread's outstanding memory ops).
-  __device__ __forceinline__ void flush_partial(int tile, float a0, float a1, float a2, float a3) const {
-    const int t0 = tile * a.n_it, t1 = t0 + a.n_it;
+  // Publish this group's partial sums of a shared tile; the last group to arrive sums the partials in
+  // group order (the same sum whichever arrives last) and stores the tile. Run by the group's first warp,
+  // once its loads are done (a fence waits for the thread's outstanding memory operations).
+  __device__ __forceinline__ void flush_partial(int tile, const float (&v)[4]) const {
+    const int t0 = tile * a.n_steps, t1 = t0 + a.n_steps;
     float4* mine = reinterpret_cast<float4*>(a.partials + slot_index(gw, tile)) + lane;
-    __stcg(mine, make_float4(a0, a1, a2, a3));
+    __stcg(mine, make_float4(v[0], v[1], v[2], v[3]));
     asm volatile("fence.acq_rel.gpu;" ::: "memory");
     __syncwarp();
     const int first = sk_owner(t0, a.total, nw), last = sk_owner(t1 - 1, a.total, nw);
     int done = 0;
-    if (lane == 0) done = atomicAdd(a.counters + tile, 1) == static_cast<int>(last - first);
+    if (lane == 0) done = atomicAdd(a.counters + tile, 1) == last - first;
     if (!__shfl_sync(0xffffffffu, done, 0)) return;
     asm volatile("fence.acq_rel.gpu;" ::: "memory");
     float s[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int w = first; w <= last; ++w) {  // warp order: the same sum whichever warp completes
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(a.partials + slot_index(w, tile)) + lane);
-      s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
+    for (int w = first; w <= last; ++w) {
+      const float4 p = __ldcg(reinterpret_cast<const float4*>(a.partials + slot_index(w, tile)) + lane);
+      s[0] += p.x; s[1] += p.y; s[2] += p.z; s[3] += p.w;
     }
     store_tile(tile, s);
     if (lane == 0) a.counters[tile] = 0;
@@ -265,18 +250,19 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
                        const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int nw = static_cast<int>(gridDim.x) * kWarps;
-  const int gw = static_cast<int>(blockIdx.x) * kWarps + warp;
+  const int group = warp / a.group, wig = warp % a.group;
+  const int nw = static_cast<int>(gridDim.x) * (kWarps / a.group);
+  const int gw = static_cast<int>(blockIdx.x) * (kWarps / a.group) + group;
   const uint32_t base = smem_addr(smem);
   const uint32_t table = (base + 0xFFFFu) & ~0xFFFFu;
   uint8_t* const table_ptr = smem + (table - base);
-  SkWarp<XT, kNested, kBs64> W{a, x, y, m, lane, g, t, table + 4u * static_cast<uint32_t>(lane),
+  float4* const red = reinterpret_cast<float4*>(table_ptr + kSkLutBytes + 256 * 4);  // [2][kWarps][32]
+  SkWarp<XT, kNested, kBs64> W{a, x, y, m, lane, g, t, wig, table + 4u * static_cast<uint32_t>(lane),
                                table + kSkLutBytes, x + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t,
                                gw, nw, sk_start(gw, a.total, nw), sk_start(gw + 1, a.total, nw)};
-  // Ring of kPF + 1 buffers: iteration begin + i sits in buf[i % (kPF + 1)].
+  // Ring of kPF + 1 buffers: step begin + i sits in buf[i % (kPF + 1)].
   SkRaw<kNested, kBs64> buf[kPF + 1];
-  W.set_fetch_tile(W.begin / a.n_it, W.begin % a.n_it);
-  if (a.l2_window) W.prefetch_window(W.f_it, 2 * a.l2_window);
+  W.set_fetch_tile(W.begin / a.n_steps, W.begin % a.n_steps);
 #pragma unroll
   for (int i = 0; i < kPF; ++i)
     if (W.begin + i < W.end) W.fetch(buf[i]);
@@ -294,60 +280,52 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   __syncthreads();
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  // A range starting inside a tile shares that tile with the warp before it: its sums wait in `first`
+  // A range starting inside a tile shares that tile with the group before it: its sums wait in `first`
   // until the loop is done, so that the fences (which wait for the warp's loads) run after the last load.
   float first[4] = {0.f, 0.f, 0.f, 0.f};
-  const int first_tile = W.begin / a.n_it;
-  int tile = first_tile;
-  int it = W.begin % a.n_it;
+  const int first_tile = W.begin / a.n_steps;
+  int tile = first_tile, step = W.begin % a.n_steps, parity = 0;
   for (int f = W.begin; f < W.end; f += kPF + 1) {
 #pragma unroll
     for (int u = 0; u <= kPF; ++u) {
       if (f + u < W.end) {
         if (f + u + kPF < W.end) W.fetch(buf[(u + kPF) % (kPF + 1)]);
-        W.compute(buf[u], it, acc);
-        if (++it == a.n_it || f + u + 1 == W.end) {
-          if (W.whole(tile)) {
+        W.compute(buf[u], step * a.group + wig, acc);
+        if (++step == a.n_steps || f + u + 1 == W.end) {
+          if (a.group > 1) {  // the group's warps hold the same tile rows over different columns: sum them
+            red[(parity * kWarps + warp) * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+            named_barrier(1 + group, a.group * 32);
+            if (wig == 0) {
+              acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+              for (int w = 0; w < a.group; ++w) {
+                const float4 v = red[(parity * kWarps + group * a.group + w) * 32 + lane];
+                acc[0] += v.x; acc[1] += v.y; acc[2] += v.z; acc[3] += v.w;
+              }
+            }
+            parity ^= 1;  // two buffers: a warp writes this one again only after the next barrier
+          }
+          if (wig == 0 && W.whole(tile)) {
             W.store_tile(tile, acc);
-            acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-          } else if (f + u + 1 < W.end) {  // the first tile, shared with the warp before
+          } else if (wig == 0 && f + u + 1 < W.end) {  // the first tile, shared with the group before
 #pragma unroll
             for (int i = 0; i < 4; ++i) first[i] = acc[i];
-            acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-          }  // else: the range ends inside a shared tile; acc keeps its sums for below
-          it = 0;
+          }
+          if (f + u + 1 < W.end || W.whole(tile) || wig != 0) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          step = 0;
           ++tile;
         }
       }
     }
   }
-  if (W.begin >= W.end) return;
-  const int last_tile = (W.end - 1) / a.n_it;
-  if (first_tile != last_tile && !W.whole(first_tile))
-    W.flush_partial(first_tile, first[0], first[1], first[2], first[3]);
-  if (!W.whole(last_tile)) W.flush_partial(last_tile, acc[0], acc[1], acc[2], acc[3]);
-}
-
-// Tuning variants (LOWBITPACK_NF4_SK=w16pf2|w24pf1|w32pf1, off = the generic core; bench/kernels.py compares
-// them). The default is the one measured fastest on the H100 (docs/KERNELS.md).
-constexpr int kDefaultL2Window = 4;
-
-template <typename XT, bool kNested, bool kBs64>
-using SkKernel = void (*)(const SkArgs<kNested, kBs64>, const float*, const float*, const XT*, int, XT*);
-
-template <typename XT, bool kNested, bool kBs64>
-SkKernel<XT, kNested, kBs64> pick_variant(int* warps) {
-  const char* v = std::getenv("LOWBITPACK_NF4_SK");
-  const std::string s = v ? v : "";
-  if (s == "w16pf2") { *warps = 16; return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2>; }
-  if (s == "w32pf1") { *warps = 32; return nf4_gemv_sk_kernel<XT, kNested, kBs64, 32, 1>; }
-  *warps = 24;
-  return nf4_gemv_sk_kernel<XT, kNested, kBs64, 24, 1>;
+  if (wig != 0 || W.begin >= W.end) return;
+  const int last_tile = (W.end - 1) / a.n_steps;
+  if (first_tile != last_tile && !W.whole(first_tile)) W.flush_partial(first_tile, first);
+  if (!W.whole(last_tile)) W.flush_partial(last_tile, acc);  // the range ends inside a shared tile
 }
 
 // Raise the kernel's dynamic shared-memory limit once per (kernel, device): the attribute call costs
 // microseconds, which a 1-token GEMV should not pay every time.
-cudaError_t allow_smem(const void* kern) {
+cudaError_t allow_smem(const void* kern, int bytes) {
   static std::mutex mu;
   static std::set<std::pair<const void*, int>> done;
   int dev = 0;
@@ -355,9 +333,35 @@ cudaError_t allow_smem(const void* kern) {
   if (e != cudaSuccess) return e;
   const std::lock_guard<std::mutex> lock(mu);
   if (done.count({kern, dev})) return cudaSuccess;
-  e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSkSmemBytes);
+  e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess) done.insert({kern, dev});
   return e;
+}
+
+// Tuning variants: LOWBITPACK_NF4_SK=w<warps>g<group>pf<prefetch> (the instantiated ones below), or off
+// for the generic core; bench/kernels.py --nf4-variants compares them. The default was measured fastest on
+// the H100 (docs/KERNELS.md).
+struct SkVariant {
+  int warps, group, pf;
+};
+constexpr SkVariant kSkDefault{16, 4, 2};
+
+inline SkVariant parse_variant() {
+  SkVariant v = kSkDefault;
+  const char* e = std::getenv("LOWBITPACK_NF4_SK");
+  if (e && std::sscanf(e, "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
+  return v;
+}
+
+template <typename XT, bool kNested, bool kBs64>
+using SkKernel = void (*)(const SkArgs<kNested, kBs64>, const float*, const float*, const XT*, int, XT*);
+
+template <typename XT, bool kNested, bool kBs64>
+SkKernel<XT, kNested, kBs64> kernel_for(const SkVariant& v) {
+  if (v.warps == 24 && v.pf == 1) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 24, 1>;
+  if (v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2>;
+  if (v.warps == 8 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 8, 2>;
+  return nullptr;
 }
 
 template <typename XT, bool kNested, bool kBs64>
@@ -373,19 +377,18 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.nbs_shift = kNested ? log2_exact(p.nested_blocksize) : 0;
   a.rows = p.rows;
   a.cols = p.cols;
-  a.n_it = static_cast<int>(p.cols / 128);
-  a.total = static_cast<int>(plan.n_tiles * a.n_it);
+  a.group = plan.group;
+  a.n_steps = static_cast<int>(p.cols / 128 / plan.group);
+  a.total = static_cast<int>(plan.n_tiles * a.n_steps);
   a.partials = partials;
   a.counters = counters;
-  const char* l2 = std::getenv("LOWBITPACK_NF4_SK_L2");  // tuning: L2 prefetch window, 0 = off
-  a.l2_window = l2 ? std::atoi(l2) : kDefaultL2Window;
-  int warps = 0;
-  const auto kern = pick_variant<XT, kNested, kBs64>(&warps);
-  if (warps != plan.warps) return cudaErrorInvalidValue;  // the plan was made for another variant
-  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern));
+  const auto kern = kernel_for<XT, kNested, kBs64>(SkVariant{plan.warps, plan.group, plan.pf});
+  if (kern == nullptr) return cudaErrorInvalidValue;
+  const int smem = sk_smem_bytes(plan.warps);
+  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), smem);
   if (e != cudaSuccess) return e;
-  kern<<<plan.blocks, warps * 32, kSkSmemBytes, stream>>>(a, p.quant_map, p.nested_map, static_cast<const XT*>(x), m,
-                                                          static_cast<XT*>(y));
+  kern<<<plan.blocks, plan.warps * 32, smem, stream>>>(a, p.quant_map, p.nested_map, static_cast<const XT*>(x), m,
+                                                       static_cast<XT*>(y));
   return cudaGetLastError();
 }
 
@@ -417,7 +420,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
 
   // Device facts, read once per device.
   static int sms_of[64] = {0}, smem_of[64] = {0};
-  int dev = 0, warps = 0;
+  int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) {
     cudaGetLastError();
     return plan;
@@ -430,17 +433,23 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
     return plan;
   }
   const int sms = sms_of[dev];
-  if (smem_of[dev] < kSkSmemBytes) return plan;
-  pick_variant<__nv_bfloat16, true, true>(&warps);
-  // Persistent: one block per SM, every warp with at least one iteration (a tile's contributors are
-  // counted from the split, so an empty warp would never arrive).
-  const int64_t blocks = imin64(sms, total / warps);
+  SkVariant v = parse_variant();
+  if (kernel_for<__nv_bfloat16, true, true>(v) == nullptr || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
+  if (smem_of[dev] < sk_smem_bytes(v.warps)) return plan;
+  // The group must divide the iterations of a tile; a smaller one is used when it does not.
+  while (v.group > 1 && (p.cols / 128) % v.group != 0) v.group /= 2;
+  const int64_t steps = n_tiles * (p.cols / 128 / v.group);
+  // Persistent: one block per SM, every group with at least one step (a tile's contributors are counted
+  // from the split, so an empty group would never arrive).
+  const int64_t blocks = imin64(sms, steps / (v.warps / v.group));
   if (blocks < 1) return plan;
   plan.ok = true;
   plan.blocks = static_cast<int>(blocks);
   plan.n_tiles = n_tiles;
-  plan.warps = warps;
-  plan.partial_floats = blocks * warps * 2 * 128;
+  plan.warps = v.warps;
+  plan.group = v.group;
+  plan.pf = v.pf;
+  plan.partial_floats = blocks * (v.warps / v.group) * 2 * 128;
   return plan;
 }
 
