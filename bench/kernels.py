@@ -115,8 +115,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8", help="GEMV batch sizes (rows of x)")
     ap.add_argument("--warps", default="", help="also time our GEMVs with LOWBITPACK_GEMV_WARPS forced to each of "
                                                  "these (e.g. 4,8,16); methods get a -w<N> suffix")
-    ap.add_argument("--nf4-variants", default="", help="also time the NF4 GEMV with LOWBITPACK_NF4_SK[_L2] set to each "
-                    "VARIANT[:L2WINDOW] (e.g. w24pf1:0,w16pf2,off; off = the generic kernel)")
+    ap.add_argument("--nf4-variants", default="", help="also time the NF4 GEMV with LOWBITPACK_NF4_SK set to each "
+                    "VARIANT[/key=value...] (e.g. w24g4pf1,w16g4pf2/xsmem=0,off; off = the generic kernel)")
     ap.add_argument("--no-dequant", action="store_true", help="skip the dequantization timings")
     ap.add_argument("--no-baselines", action="store_true", help="skip cuBLAS and bitsandbytes GEMV timings")
     args = ap.parse_args()
@@ -269,16 +269,17 @@ def main() -> None:
                 res["ours_nf4"] = record("gemv", shape, "ours-nf4" + sfx, t, nf4_bytes, m,
                                          kernel=ext.last_nf4_gemv())
                 for v in ([] if wv else nf4_variants):
-                    # VARIANT[:L2WINDOW] -> LOWBITPACK_NF4_SK, LOWBITPACK_NF4_SK_L2 (cuda/nf4_gemv.cu)
-                    name, _, l2w = v.partition(":")
-                    os.environ["LOWBITPACK_NF4_SK"] = name
-                    if l2w:
-                        os.environ["LOWBITPACK_NF4_SK_L2"] = l2w
+                    # VARIANT[/key=value...] -> LOWBITPACK_NF4_SK=VARIANT, LOWBITPACK_NF4_SK_<KEY>=value
+                    # (cuda/nf4_gemv.cu: e.g. w16g4pf2/xsmem=0, w16g4pf2/mode=1)
+                    name, *opts = v.split("/")
+                    env = {"LOWBITPACK_NF4_SK": name}
+                    env.update({f"LOWBITPACK_NF4_SK_{k.upper()}": val for k, _, val in (o.partition("=") for o in opts)})
+                    os.environ.update(env)
                     t = time_op(lambda i: ext.nf4_gemv(x, *ours_nf4_args(i)), n_c, args.inner, args.reps)
                     res[f"ours_nf4_{v}"] = record("gemv", shape, f"ours-nf4-{v}", t, nf4_bytes, m,
                                                   kernel=ext.last_nf4_gemv())
-                    os.environ.pop("LOWBITPACK_NF4_SK")
-                    os.environ.pop("LOWBITPACK_NF4_SK_L2", None)
+                    for k in env:
+                        os.environ.pop(k)
                 # accuracy against float64 products: with bnb's bf16-dequantized W (what dequantize + matmul
                 # computes) and with the exact fp32 weights quant_map[q] * absmax
                 wd = F.dequantize_4bit(*nf4_copies[0])

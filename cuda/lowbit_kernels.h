@@ -90,6 +90,7 @@ struct Nf4GemvPlan {
   int warps;  // per block
   int group;  // warps that work on one tile together
   int pf;     // iterations each warp keeps in flight
+  bool x_smem;  // x is staged in shared memory
   int64_t n_tiles;
   int64_t partial_floats;
 };

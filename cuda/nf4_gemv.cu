@@ -44,6 +44,9 @@ namespace {
 constexpr int kSkLutBytes = 256 * 256;  // 256 entries x 256 bytes (32 lanes x 4 bytes used)
 constexpr int kSkSmemBase = 2 * kSkLutBytes + 256 * 4;
 __host__ __device__ constexpr int sk_smem_bytes(int warps) { return kSkSmemBase + 2 * warps * 32 * 16; }
+// x is staged in shared memory when it is at most this large (m * cols * 2 bytes): its loads then wait
+// ~30 cycles on the shared-memory pipe instead of an L1 round trip behind the streaming code loads.
+constexpr int kSkXSmemMax = 32 * 1024;
 
 // Raw global bits of one iteration for one lane: codes of rows g / g + 8, sub-blocks A / B, and the raw
 // absmax bits of each row (nested: the uint8 code(s); plain: the fp32 absmax bits).
@@ -68,6 +71,7 @@ struct SkArgs {
   int group;       // warps that share one tile at a time (divides n_it and the block's warps)
   int n_steps;     // n_it / group: steps of a tile (a step = one 128-column iteration per warp of the group)
   int total;       // n_tiles * n_steps (< 2^31, checked by the plan)
+  int x_smem;      // x is staged in shared memory (after the reduction buffers)
   float* partials; // [groups_total][2][128]
   int* counters;   // [n_tiles], zero on entry and on exit
 };
@@ -91,7 +95,9 @@ __device__ __forceinline__ int sk_owner(int f, int total, int nw) {
   return static_cast<int>(((static_cast<int64_t>(f) + 1) * nw - 1) / total);
 }
 
-template <typename XT, bool kNested, bool kBs64>
+// kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE): 0 = the kernel; 1 = no global code loads
+// (decode and mma only: the compute-bound time); 2 = no decode (loads only: the load-bound time).
+template <typename XT, bool kNested, bool kBs64, int kMode = 0>
 struct SkWarp {
   const SkArgs<kNested, kBs64>& a;
   const XT* __restrict__ x;
@@ -101,7 +107,7 @@ struct SkWarp {
   int wig;          // warp index in its group: this warp does iteration step * group + wig of each step
   uint32_t lut;     // shared address of this lane's column of the pair table: table (64 KB aligned) + 4 * lane
   uint32_t nmap;    // shared address of the nested map
-  const XT* xl;     // x row g, this lane's first column (16 * t)
+  const XT* xl;     // x row g, this lane's first column (16 * t), in global or (x_smem) shared memory
   int gw, nw;       // this warp's group (the stream-K worker) and the number of groups
   int begin, end;   // the group's range of steps
 
@@ -121,6 +127,14 @@ struct SkWarp {
   }
 
   __device__ __forceinline__ void fetch_row(const uint8_t* p, int slot, SkRaw<kNested, kBs64>& r) const {
+    if constexpr (kMode == 1) {
+      const uint32_t o = static_cast<uint32_t>(p - a.packed);
+      r.c[slot][0] = make_uint2(o * 2654435761u, o ^ 0x5bd1e995u);
+      r.c[slot][1] = make_uint2(o * 40503u, o + 0x9e3779b9u);
+      r.s[slot][0] = o & 0xFFFFu;
+      r.n[slot] = 1.0f;
+      return;
+    }
     r.c[slot][0] = ldg_stream8(p);
     r.c[slot][1] = ldg_stream8(p + 32);
     // absmax block of sub-block A: element (2 * byte offset) >> log2(blocksize); the lane's 8 * t bytes
@@ -169,13 +183,18 @@ struct SkWarp {
 
   // acc += iteration `it` (columns 128 it ..) of rows g, g + 8.
   __device__ __forceinline__ void compute(const SkRaw<kNested, kBs64>& r, int it, float (&acc)[4]) const {
+    if constexpr (kMode == 2) {
+      acc[0] += __uint_as_float((r.c[0][0].x ^ r.c[0][1].y ^ r.c[1][0].x ^ r.c[1][1].y ^ r.s[0][0]) & 0x3FFFFFu);
+      acc[1] += __uint_as_float((r.c[0][0].y ^ r.c[0][1].x ^ r.c[1][0].y ^ r.c[1][1].x ^ r.s[1][0]) & 0x3FFFFFu);
+      return;
+    }
     const bool active = g < m;
 #pragma unroll
     for (int sub = 0; sub < 2; ++sub) {
       uint32_t xw[8];
       if (active) {
         const uint4* xp = reinterpret_cast<const uint4*>(xl + it * 128 + 64 * sub);
-        const uint4 v0 = __ldg(xp), v1 = __ldg(xp + 1);
+        const uint4 v0 = xp[0], v1 = xp[1];  // read-only during the kernel (global) or after the barrier (shared)
         xw[0] = v0.x; xw[1] = v0.y; xw[2] = v0.z; xw[3] = v0.w;
         xw[4] = v1.x; xw[5] = v1.y; xw[6] = v1.z; xw[7] = v1.w;
       } else {
@@ -244,7 +263,7 @@ struct SkWarp {
   }
 };
 
-template <typename XT, bool kNested, bool kBs64, int kWarps, int kPF>
+template <typename XT, bool kNested, bool kBs64, int kWarps, int kPF, int kMode = 0>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     nf4_gemv_sk_kernel(const SkArgs<kNested, kBs64> a, const float* __restrict__ quant_map,
                        const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
@@ -257,8 +276,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const uint32_t table = (base + 0xFFFFu) & ~0xFFFFu;
   uint8_t* const table_ptr = smem + (table - base);
   float4* const red = reinterpret_cast<float4*>(table_ptr + kSkLutBytes + 256 * 4);  // [2][kWarps][32]
-  SkWarp<XT, kNested, kBs64> W{a, x, y, m, lane, g, t, wig, table + 4u * static_cast<uint32_t>(lane),
-                               table + kSkLutBytes, x + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t,
+  XT* const xs = reinterpret_cast<XT*>(red + 2 * kWarps * 32);                        // [m][cols] (x_smem)
+  SkWarp<XT, kNested, kBs64, kMode> W{a, x, y, m, lane, g, t, wig, table + 4u * static_cast<uint32_t>(lane),
+                               table + kSkLutBytes, (a.x_smem ? xs : x) + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t,
                                gw, nw, sk_start(gw, a.total, nw), sk_start(gw + 1, a.total, nw)};
   // Ring of kPF + 1 buffers: step begin + i sits in buf[i % (kPF + 1)].
   SkRaw<kNested, kBs64> buf[kPF + 1];
@@ -276,6 +296,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   if constexpr (kNested) {
     float* nm = reinterpret_cast<float*>(table_ptr + kSkLutBytes);
     for (int i = threadIdx.x; i < 256; i += blockDim.x) nm[i] = __ldg(nested_map + i);
+  }
+  if (a.x_smem) {
+    const int n16 = static_cast<int>(m * a.cols / 8);  // cols % 128 == 0: whole 16-byte pieces
+    for (int i = threadIdx.x; i < n16; i += blockDim.x)
+      reinterpret_cast<uint4*>(xs)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
   }
   __syncthreads();
 
@@ -358,6 +383,11 @@ using SkKernel = void (*)(const SkArgs<kNested, kBs64>, const float*, const floa
 
 template <typename XT, bool kNested, bool kBs64>
 SkKernel<XT, kNested, kBs64> kernel_for(const SkVariant& v) {
+  if constexpr (kNested && kBs64) {
+    const char* mode = std::getenv("LOWBITPACK_NF4_SK_MODE");
+    if (mode && mode[0] == '1' && v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2, 1>;
+    if (mode && mode[0] == '2' && v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2, 2>;
+  }
   if (v.warps == 24 && v.pf == 1) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 24, 1>;
   if (v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2>;
   if (v.warps == 8 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 8, 2>;
@@ -382,10 +412,11 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.total = static_cast<int>(plan.n_tiles * a.n_steps);
   a.partials = partials;
   a.counters = counters;
+  a.x_smem = plan.x_smem;
   const auto kern = kernel_for<XT, kNested, kBs64>(SkVariant{plan.warps, plan.group, plan.pf});
   if (kern == nullptr) return cudaErrorInvalidValue;
-  const int smem = sk_smem_bytes(plan.warps);
-  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), smem);
+  const int smem = sk_smem_bytes(plan.warps) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
+  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), sk_smem_bytes(plan.warps) + kSkXSmemMax);
   if (e != cudaSuccess) return e;
   kern<<<plan.blocks, plan.warps * 32, smem, stream>>>(a, p.quant_map, p.nested_map, static_cast<const XT*>(x), m,
                                                        static_cast<XT*>(y));
@@ -435,7 +466,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   const int sms = sms_of[dev];
   SkVariant v = parse_variant();
   if (kernel_for<__nv_bfloat16, true, true>(v) == nullptr || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
-  if (smem_of[dev] < sk_smem_bytes(v.warps)) return plan;
+  if (smem_of[dev] < sk_smem_bytes(v.warps) + kSkXSmemMax) return plan;
   // The group must divide the iterations of a tile; a smaller one is used when it does not.
   while (v.group > 1 && (p.cols / 128) % v.group != 0) v.group /= 2;
   const int64_t steps = n_tiles * (p.cols / 128 / v.group);
@@ -449,6 +480,8 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.warps = v.warps;
   plan.group = v.group;
   plan.pf = v.pf;
+  const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
+  plan.x_smem = m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
   plan.partial_floats = blocks * (v.warps / v.group) * 2 * 128;
   return plan;
 }
