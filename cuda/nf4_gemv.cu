@@ -267,6 +267,7 @@ template <typename XT, bool kNested, bool kBs64, int kWarps, int kPF, int kMode 
 __global__ void __launch_bounds__(kWarps * 32, 1)
     nf4_gemv_sk_kernel(const SkArgs<kNested, kBs64> a, const float* __restrict__ quant_map,
                        const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
+  static_assert(kWarps * 32 >= 256, "the prologue gives one nested-map entry to each thread");
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int group = warp / a.group, wig = warp % a.group;
@@ -287,20 +288,30 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   for (int i = 0; i < kPF; ++i)
     if (W.begin + i < W.end) W.fetch(buf[i]);
 
-  // Tables, while the first codes are in flight. Entry e of lane l: {r(qm[e >> 4]), r(qm[e & 15])}.
+  // Tables (and x), while the first codes are in flight. Every global load of this prologue is issued
+  // before any of them is used, so it costs one memory latency, not one per loop trip.
+  const float q = __ldg(quant_map + (lane & 15));
+  const float nmv = (kNested && threadIdx.x < 256) ? __ldg(nested_map + threadIdx.x) : 0.f;
+  constexpr int kXPer = kSkXSmemMax / 16 / (kWarps * 32);  // uint4 pieces of x per thread, at most
+  uint4 xv[kXPer];
+  const int n16 = a.x_smem ? static_cast<int>(m * a.cols / 8) : 0;  // cols % 128 == 0: whole pieces
+#pragma unroll
+  for (int k = 0; k < kXPer; ++k) {
+    const int i = threadIdx.x + k * kWarps * 32;
+    if (i < n16) xv[k] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  }
+  // Entry e of lane l: {r(qm[e >> 4]), r(qm[e & 15])}; 8 x 16 bytes = lanes 4j .. 4j + 3 of entry e. The
+  // trip count is the same for every lane (2048 / blockDim), as the shuffles need.
   for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
-    const int e = i >> 3, q = i & 7;  // 8 x 16 bytes = lanes 4q .. 4q + 3 of entry e
-    const uint32_t v = Cvt<XT>::pack2(__ldg(quant_map + (e >> 4)), __ldg(quant_map + (e & 15)));
-    *reinterpret_cast<uint4*>(table_ptr + e * 256 + q * 16) = make_uint4(v, v, v, v);
+    const int e = i >> 3, j = i & 7;
+    const uint32_t v = Cvt<XT>::pack2(__shfl_sync(0xffffffffu, q, e >> 4), __shfl_sync(0xffffffffu, q, e & 15));
+    *reinterpret_cast<uint4*>(table_ptr + e * 256 + j * 16) = make_uint4(v, v, v, v);
   }
-  if constexpr (kNested) {
-    float* nm = reinterpret_cast<float*>(table_ptr + kSkLutBytes);
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) nm[i] = __ldg(nested_map + i);
-  }
-  if (a.x_smem) {
-    const int n16 = static_cast<int>(m * a.cols / 8);  // cols % 128 == 0: whole 16-byte pieces
-    for (int i = threadIdx.x; i < n16; i += blockDim.x)
-      reinterpret_cast<uint4*>(xs)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  if (kNested && threadIdx.x < 256) reinterpret_cast<float*>(table_ptr + kSkLutBytes)[threadIdx.x] = nmv;
+#pragma unroll
+  for (int k = 0; k < kXPer; ++k) {
+    const int i = threadIdx.x + k * kWarps * 32;
+    if (i < n16) reinterpret_cast<uint4*>(xs)[i] = xv[k];
   }
   __syncthreads();
 
