@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   // before any of them is used, so it costs one memory latency, not one per loop trip.
   const float q = __ldg(quant_map + (lane & 15));
   const float nmv = (kNested && threadIdx.x < 256) ? __ldg(nested_map + threadIdx.x) : 0.f;
-  constexpr int kXPer = kSkXSmemMax / 16 / (kWarps * 32);  // uint4 pieces of x per thread, at most
+  constexpr int kXPer = (kSkXSmemMax / 16 + kWarps * 32 - 1) / (kWarps * 32);  // uint4 pieces of x per thread
   uint4 xv[kXPer];
   const int n16 = a.x_smem ? static_cast<int>(m * a.cols / 8) : 0;  // cols % 128 == 0: whole pieces
 #pragma unroll
@@ -374,9 +374,9 @@ cudaError_t allow_smem(const void* kern, int bytes) {
   return e;
 }
 
-// Tuning variants: LOWBITPACK_NF4_SK=w<warps>g<group>pf<prefetch> (the instantiated ones below), or off
-// for the generic core; bench/kernels.py --nf4-variants compares them. The default was measured fastest on
-// the H100 (docs/KERNELS.md).
+// Tuning variants: LOWBITPACK_NF4_SK=w<warps>g<group>pf<prefetch> (the instantiated ones below; `on` = the
+// default), or off for the generic core; bench/kernels.py --nf4-variants compares them. The default was
+// measured fastest on the H100 (docs/KERNELS.md).
 struct SkVariant {
   int warps, group, pf;
 };
@@ -448,7 +448,14 @@ cudaError_t run_sk_dtype(const Nf4Params& p, const Nf4GemvPlan& plan, const void
 
 Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void* x) {
   Nf4GemvPlan plan{};
-  if (std::getenv("LOWBITPACK_NF4_SK") && std::string(std::getenv("LOWBITPACK_NF4_SK")) == "off") return plan;
+  // When it runs: measured on the H100 (docs/KERNELS.md, iteration 4), stream-K beats the generic core only
+  // for several rows of x on large weights (m = 8 at 14336x4096: 26.4 against 33.0 us); at m = 1 it is even
+  // at 14336x4096 and slower on 4096x4096 (14.1 against 9.8 us), where its fixed start and fix-up latencies
+  // show. LOWBITPACK_NF4_SK=off never runs it; on (or a variant name) runs it wherever it applies.
+  const char* env = std::getenv("LOWBITPACK_NF4_SK");
+  const std::string mode = env ? env : "";
+  if (mode == "off") return plan;
+  if (mode.empty() && (m < 4 || p.rows * p.cols < (int64_t(1) << 25))) return plan;
   const bool nested = p.absmax == nullptr;
   const auto addr = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
   if (m < 1 || m > 8 || (x_dtype != kBF16 && x_dtype != kF16)) return plan;

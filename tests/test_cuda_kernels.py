@@ -272,15 +272,14 @@ def test_nf4_gemv_kernel(ext, xdtype):
 NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 1024), (4096, 4096), (100, 1536)]
 
 
-@pytest.mark.parametrize("variant", ["", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2"])
+@pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkeypatch):
-    """The stream-K kernel runs on every whole-iteration shape, for every absmax form and tuning variant,
-    computes its documented function, and is deterministic (the split tiles are summed in warp order)."""
-    if variant:
-        monkeypatch.setenv("LOWBITPACK_NF4_SK", variant)
+    """Forced on, the stream-K kernel runs on every whole-iteration shape, for every absmax form and tuning
+    variant, computes its documented function, and is deterministic (split tiles are summed in group order)."""
+    monkeypatch.setenv("LOWBITPACK_NF4_SK", variant)
     for i, (rows, cols) in enumerate(NF4_SK_SHAPES):
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, blocksize, seed=70 + i)
         d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
@@ -301,15 +300,20 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), "not deterministic"
 
 
-def test_nf4_gemv_stream_k_off_and_fallbacks(ext, monkeypatch):
-    """Shapes it does not cover (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take the generic kernel."""
-    for rows, cols, bs, env in [(40, 1000, 64, ""), (40, 4096, 32, ""), (300, 4096, 64, "off")]:
+def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
+    """By default stream-K runs for m >= 4 on weights of >= 2^25 elements only; shapes it does not cover
+    (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take the generic kernel."""
+    cases = [(40, 1000, 64, "on", 2, "generic"), (40, 4096, 32, "on", 2, "generic"), (300, 4096, 64, "off", 2, "generic"),
+             (4096, 4096, 64, "", 8, "generic"), (8192, 4096, 64, "", 3, "generic"), (8192, 4096, 64, "", 4, "stream-k")]
+    for rows, cols, bs, env, m, path in cases:
         monkeypatch.setenv("LOWBITPACK_NF4_SK", env)
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, bs, seed=5)
         d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
-        x = torch.randn(2, cols, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        x = torch.randn(m, cols, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
         y = ext.nf4_gemv(x.to(DEV), d[0], d[1], None, d[2], d[3], d[4], float(offset), bs, 256, rows, cols)
-        assert ext.last_nf4_gemv() == "generic"
+        assert ext.last_nf4_gemv() == path, (rows, cols, env, m)
+        if path == "stream-k":
+            continue  # checked in test_nf4_gemv_stream_k
         check_nf4_gemv(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, bs, rows, cols, torch.bfloat16,
                                               "generic"))
 
