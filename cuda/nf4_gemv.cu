@@ -15,11 +15,17 @@
 //    {r(qm[hi]), r(qm[lo])}, which is directly an mma A register. The table is replicated per lane (entry e
 //    of lane l at byte e*256 + 4*l, 64 KB) so that a warp's 32 lookups hit 32 different banks, and one
 //    PRMT builds the address (byte 1 = the code byte, byte 0 = 4*lane). Per two weights: PRMT + LDS.
-// 3. Stream-K over a persistent grid: the (16-row tile, 128-column iteration) space is split evenly over
-//    all warps, so there is no partial last wave (896 tiles of 14336x4096 over 528 block slots was 1.7
-//    waves). A warp that covers a whole tile stores it; warps that share a tile write fp32 partials, count
-//    themselves on a per-tile counter, and the last one sums the partials in warp order (deterministic) and
-//    stores the tile. Counters are left at zero for the next call.
+// 3. Stream-K over a persistent grid: the (16-row tile, step) space is split evenly over all warp groups
+//    (a group of `group` warps works on one tile at a time, each warp on its own 128 columns of a step, so
+//    together they read 64 * group contiguous bytes of each row). There is no partial last wave (896 tiles of
+//    14336x4096 over 528 block slots was 1.7 waves). A group that covers a whole tile stores it; groups that
+//    share a tile write fp32 partials, count themselves on a per-tile counter, and the last one sums the
+//    partials in group order (deterministic) and stores the tile. Counters are left at zero for the next call.
+//
+// What it bought (H100, docs/KERNELS.md iteration 4): the decode is ~1.5 instructions a weight instead of
+// ~4, yet the kernel is not faster at one token on mid-size weights -- it is bound by memory latency and
+// its own start-up and fix-up round trips, not by issue. It wins with several tokens (m = 8: 26.3 against
+// 33.6 us at 14336x4096) and on very large weights, and nf4_gemv_plan runs it only there.
 //
 // Fragment mapping: lane = 4g + t owns rows g and g + 8 of the tile. For each 64-column sub-block it loads
 // the 8 code bytes of columns [16t, 16t + 16) of both rows. mma j (0..3) takes bytes 2j (k slots 2t, 2t+1)
@@ -448,14 +454,16 @@ cudaError_t run_sk_dtype(const Nf4Params& p, const Nf4GemvPlan& plan, const void
 
 Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void* x) {
   Nf4GemvPlan plan{};
-  // When it runs: measured on the H100 (docs/KERNELS.md, iteration 4), stream-K beats the generic core only
-  // for several rows of x on large weights (m = 8 at 14336x4096: 26.4 against 33.0 us); at m = 1 it is even
-  // at 14336x4096 and slower on 4096x4096 (14.1 against 9.8 us), where its fixed start and fix-up latencies
-  // show. LOWBITPACK_NF4_SK=off never runs it; on (or a variant name) runs it wherever it applies.
+  // When it runs, from the H100 measurements (docs/KERNELS.md, iteration 4): stream-K beats the generic core
+  // for several rows of x on large weights (m = 8, 14336x4096: 26.3 against 33.6 us) and at any m on very
+  // large ones (m = 1, 32768x16384: 146 against 189 us); at m = 1 it is even at 14336x4096 and slower on
+  // 4096x4096 (14.3 against 9.8 us), where its fixed start and fix-up latencies show.
+  // LOWBITPACK_NF4_SK=off never runs it; on (or a variant name) runs it wherever it applies.
   const char* env = std::getenv("LOWBITPACK_NF4_SK");
   const std::string mode = env ? env : "";
   if (mode == "off") return plan;
-  if (mode.empty() && (m < 4 || p.rows * p.cols < (int64_t(1) << 25))) return plan;
+  const int64_t numel = p.rows * p.cols;
+  if (mode.empty() && !((m >= 4 && numel >= (int64_t(1) << 25)) || numel >= (int64_t(1) << 28))) return plan;
   const bool nested = p.absmax == nullptr;
   const auto addr = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
   if (m < 1 || m > 8 || (x_dtype != kBF16 && x_dtype != kF16)) return plan;
