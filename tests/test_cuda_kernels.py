@@ -301,10 +301,11 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
 
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
-    """By default stream-K runs for m >= 4 on weights of >= 2^25 elements only; shapes it does not cover
+    """By default stream-K runs for m >= 4 on weights of >= 2^25 elements and for any m on >= 2^28; shapes it does not cover
     (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take the generic kernel."""
     cases = [(40, 1000, 64, "on", 2, "generic"), (40, 4096, 32, "on", 2, "generic"), (300, 4096, 64, "off", 2, "generic"),
-             (4096, 4096, 64, "", 8, "generic"), (8192, 4096, 64, "", 3, "generic"), (8192, 4096, 64, "", 4, "stream-k")]
+             (4096, 4096, 64, "", 8, "generic"), (8192, 4096, 64, "", 3, "generic"), (8192, 4096, 64, "", 4, "stream-k"),
+             (16384, 16384, 64, "", 1, "stream-k")]
     for rows, cols, bs, env, m, path in cases:
         monkeypatch.setenv("LOWBITPACK_NF4_SK", env)
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, bs, seed=5)
