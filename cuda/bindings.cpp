@@ -194,7 +194,8 @@ at::Tensor nf4_dequant(const at::Tensor& packed, const at::Tensor& quant_map, co
   return out;
 }
 
-// Which NF4 GEMV kernel the last nf4_gemv call ran ("stream-k" or "generic"): the two round differently
+// Which NF4 GEMV kernel the last nf4_gemv call ran ("stream-k", "pair-tile" or "generic"): the factored
+// kernels (nf4_gemv.cu) and the generic core round differently
 // (lowbit_kernels.h), so the tests check each against its own exact product.
 std::string g_last_nf4_gemv;
 
@@ -226,7 +227,7 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
     check_launch(lowbit::nf4_gemv_sk(p, plan, x.data_ptr(), x.size(0), xd, y.data_ptr(), partials.data_ptr<float>(),
                                      counters, stream),
                  "nf4_gemv (stream-K)");
-    g_last_nf4_gemv = "stream-k";
+    g_last_nf4_gemv = plan.tile ? "pair-tile" : "stream-k";
     return y;
   }
   check_launch(lowbit::nf4_gemv(p, x.data_ptr(), x.size(0), xd, y.data_ptr(), stream), "nf4_gemv");

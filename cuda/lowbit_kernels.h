@@ -91,6 +91,7 @@ struct Nf4GemvPlan {
   int group;  // warps that work on one tile together
   int pf;     // iterations each warp keeps in flight
   bool x_smem;  // x is staged in shared memory
+  bool tile;    // one block per 16-row tile instead of persistent stream-K
   int64_t n_tiles;
   int64_t partial_floats;
 };

@@ -103,7 +103,7 @@ __device__ __forceinline__ int sk_owner(int f, int total, int nw) {
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE): 0 = the kernel; 1 = no global code loads
 // (decode and mma only: the compute-bound time); 2 = no decode (loads only: the load-bound time).
-template <typename XT, bool kNested, bool kBs64, int kMode = 0>
+template <typename XT, bool kNested, bool kBs64, int kMode = 0, bool kTable32 = false>
 struct SkWarp {
   const SkArgs<kNested, kBs64>& a;
   const XT* __restrict__ x;
@@ -111,7 +111,7 @@ struct SkWarp {
   int m;
   int lane, g, t;
   int wig;          // warp index in its group: this warp does iteration step * group + wig of each step
-  uint32_t lut;     // shared address of this lane's column of the pair table: table (64 KB aligned) + 4 * lane
+  uint32_t lut;     // shared address of this lane's column of the pair table: table + 4 * lane
   uint32_t nmap;    // shared address of the nested map
   const XT* xl;     // x row g, this lane's first column (16 * t), in global or (x_smem) shared memory
   int gw, nw;       // this warp's group (the stream-K worker) and the number of groups
@@ -181,9 +181,13 @@ struct SkWarp {
 
   // The pair {r(qm[hi nibble]), r(qm[lo nibble])} for byte b of w.
   __device__ __forceinline__ uint32_t pair(uint32_t w, int b) const {
-    uint32_t v;
-    // byte 1 of the address <- code byte b of w; the other bytes from lut
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(prmt(w, lut, 0x7604u | (static_cast<uint32_t>(b) << 4))));
+    uint32_t v, addr;
+    if constexpr (kTable32) {  // entry e at e * 128: isolate the byte (PRMT), then one shift-add
+      addr = lut + (prmt(w, 0u, 0x4440u | static_cast<uint32_t>(b)) << 7);
+    } else {  // 64 KB-aligned table, entry e at e * 256: byte 1 of the address <- code byte b, the rest from lut
+      addr = prmt(w, lut, 0x7604u | (static_cast<uint32_t>(b) << 4));
+    }
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
     return v;
   }
 
@@ -269,23 +273,26 @@ struct SkWarp {
   }
 };
 
-template <typename XT, bool kNested, bool kBs64, int kWarps, int kPF, int kMode = 0>
-__global__ void __launch_bounds__(kWarps * 32, 1)
+// kTile: one block per 16-row tile (grid = tiles, the block's warps are one group, no partial tiles), with
+// a 32 KB per-lane table (entry e of lane l at e * 128 + 4l) that each block fills; several blocks share an
+// SM. Otherwise persistent stream-K with the 64 KB table (see the top of the file).
+template <typename XT, bool kNested, bool kBs64, int kWarps, int kPF, int kMode = 0, bool kTile = false>
+__global__ void __launch_bounds__(kWarps * 32, kTile ? 512 / (kWarps * 32) : 1)
     nf4_gemv_sk_kernel(const SkArgs<kNested, kBs64> a, const float* __restrict__ quant_map,
                        const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
-  static_assert(kWarps * 32 >= 256, "the prologue gives one nested-map entry to each thread");
+  constexpr int kEntryBytes = kTile ? 128 : 256, kLutBytes = 256 * kEntryBytes;
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int group = warp / a.group, wig = warp % a.group;
   const int nw = static_cast<int>(gridDim.x) * (kWarps / a.group);
   const int gw = static_cast<int>(blockIdx.x) * (kWarps / a.group) + group;
   const uint32_t base = smem_addr(smem);
-  const uint32_t table = (base + 0xFFFFu) & ~0xFFFFu;
+  const uint32_t table = kTile ? base : (base + 0xFFFFu) & ~0xFFFFu;
   uint8_t* const table_ptr = smem + (table - base);
-  float4* const red = reinterpret_cast<float4*>(table_ptr + kSkLutBytes + 256 * 4);  // [2][kWarps][32]
-  XT* const xs = reinterpret_cast<XT*>(red + 2 * kWarps * 32);                        // [m][cols] (x_smem)
-  SkWarp<XT, kNested, kBs64, kMode> W{a, x, y, m, lane, g, t, wig, table + 4u * static_cast<uint32_t>(lane),
-                               table + kSkLutBytes, (a.x_smem ? xs : x) + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t,
+  float4* const red = reinterpret_cast<float4*>(table_ptr + kLutBytes + 256 * 4);  // [2][kWarps][32]
+  XT* const xs = reinterpret_cast<XT*>(red + 2 * kWarps * 32);                      // [m][cols] (x_smem)
+  SkWarp<XT, kNested, kBs64, kMode, kTile> W{a, x, y, m, lane, g, t, wig, table + 4u * static_cast<uint32_t>(lane),
+                               table + kLutBytes, (a.x_smem ? xs : x) + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t,
                                gw, nw, sk_start(gw, a.total, nw), sk_start(gw + 1, a.total, nw)};
   // Ring of kPF + 1 buffers: step begin + i sits in buf[i % (kPF + 1)].
   SkRaw<kNested, kBs64> buf[kPF + 1];
@@ -297,7 +304,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   // Tables (and x), while the first codes are in flight. Every global load of this prologue is issued
   // before any of them is used, so it costs one memory latency, not one per loop trip.
   const float q = __ldg(quant_map + (lane & 15));
-  const float nmv = (kNested && threadIdx.x < 256) ? __ldg(nested_map + threadIdx.x) : 0.f;
+  constexpr int kNmPer = (256 + kWarps * 32 - 1) / (kWarps * 32);  // nested-map entries per thread
+  float nmv[kNmPer];
+#pragma unroll
+  for (int k = 0; k < kNmPer; ++k) {
+    const int i = threadIdx.x + k * kWarps * 32;
+    nmv[k] = (kNested && i < 256) ? __ldg(nested_map + i) : 0.f;
+  }
   constexpr int kXPer = (kSkXSmemMax / 16 + kWarps * 32 - 1) / (kWarps * 32);  // uint4 pieces of x per thread
   uint4 xv[kXPer];
   const int n16 = a.x_smem ? static_cast<int>(m * a.cols / 8) : 0;  // cols % 128 == 0: whole pieces
@@ -311,9 +324,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
     const int e = i >> 3, j = i & 7;
     const uint32_t v = Cvt<XT>::pack2(__shfl_sync(0xffffffffu, q, e >> 4), __shfl_sync(0xffffffffu, q, e & 15));
-    *reinterpret_cast<uint4*>(table_ptr + e * 256 + j * 16) = make_uint4(v, v, v, v);
+    *reinterpret_cast<uint4*>(table_ptr + e * kEntryBytes + j * 16) = make_uint4(v, v, v, v);
   }
-  if (kNested && threadIdx.x < 256) reinterpret_cast<float*>(table_ptr + kSkLutBytes)[threadIdx.x] = nmv;
+#pragma unroll
+  for (int k = 0; k < kNmPer; ++k) {
+    const int i = threadIdx.x + k * kWarps * 32;
+    if (kNested && i < 256) reinterpret_cast<float*>(table_ptr + kLutBytes)[i] = nmv[k];
+  }
 #pragma unroll
   for (int k = 0; k < kXPer; ++k) {
     const int i = threadIdx.x + k * kWarps * 32;
@@ -336,7 +353,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         if (++step == a.n_steps || f + u + 1 == W.end) {
           if (a.group > 1) {  // the group's warps hold the same tile rows over different columns: sum them
             red[(parity * kWarps + warp) * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-            named_barrier(1 + group, a.group * 32);
+            if constexpr (kTile) __syncthreads();  // the group is the block (and a named barrier would
+            else named_barrier(1 + group, a.group * 32);  // reserve all 16, which limits blocks per SM)
             if (wig == 0) {
               acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
               for (int w = 0; w < a.group; ++w) {
@@ -385,14 +403,22 @@ cudaError_t allow_smem(const void* kern, int bytes) {
 // measured fastest on the H100 (docs/KERNELS.md).
 struct SkVariant {
   int warps, group, pf;
+  bool tile;  // one block per tile (tile<warps>), see nf4_gemv_sk_kernel
 };
-constexpr SkVariant kSkDefault{16, 4, 2};
+constexpr SkVariant kSkDefault{16, 4, 2, false};
 
 inline SkVariant parse_variant() {
   SkVariant v = kSkDefault;
   const char* e = std::getenv("LOWBITPACK_NF4_SK");
+  int w = 0;
+  if (e && std::sscanf(e, "tile%d", &w) == 1) return SkVariant{w, w, 2, true};
   if (e && std::sscanf(e, "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
   return v;
+}
+
+// Dynamic shared memory of a variant, x staging excluded.
+inline int sk_variant_smem(const SkVariant& v) {
+  return v.tile ? 256 * 128 + 256 * 4 + 2 * v.warps * 32 * 16 : sk_smem_bytes(v.warps);
 }
 
 template <typename XT, bool kNested, bool kBs64>
@@ -404,6 +430,11 @@ SkKernel<XT, kNested, kBs64> kernel_for(const SkVariant& v) {
     const char* mode = std::getenv("LOWBITPACK_NF4_SK_MODE");
     if (mode && mode[0] == '1' && v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2, 1>;
     if (mode && mode[0] == '2' && v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2, 2>;
+  }
+  if (v.tile) {
+    if (v.warps == 4) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 4, 2, 0, true>;
+    if (v.warps == 8) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 8, 2, 0, true>;
+    return nullptr;
   }
   if (v.warps == 24 && v.pf == 1) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 24, 1>;
   if (v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2>;
@@ -430,10 +461,11 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.partials = partials;
   a.counters = counters;
   a.x_smem = plan.x_smem;
-  const auto kern = kernel_for<XT, kNested, kBs64>(SkVariant{plan.warps, plan.group, plan.pf});
+  const SkVariant v{plan.warps, plan.group, plan.pf, plan.tile};
+  const auto kern = kernel_for<XT, kNested, kBs64>(v);
   if (kern == nullptr) return cudaErrorInvalidValue;
-  const int smem = sk_smem_bytes(plan.warps) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
-  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), sk_smem_bytes(plan.warps) + kSkXSmemMax);
+  const int smem = sk_variant_smem(v) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
+  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem(v) + kSkXSmemMax);
   if (e != cudaSuccess) return e;
   kern<<<plan.blocks, plan.warps * 32, smem, stream>>>(a, p.quant_map, p.nested_map, static_cast<const XT*>(x), m,
                                                        static_cast<XT*>(y));
@@ -492,13 +524,18 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   const int sms = sms_of[dev];
   SkVariant v = parse_variant();
   if (kernel_for<__nv_bfloat16, true, true>(v) == nullptr || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
-  if (smem_of[dev] < sk_smem_bytes(v.warps) + kSkXSmemMax) return plan;
-  // The group must divide the iterations of a tile; a smaller one is used when it does not.
-  while (v.group > 1 && (p.cols / 128) % v.group != 0) v.group /= 2;
-  const int64_t steps = n_tiles * (p.cols / 128 / v.group);
-  // Persistent: one block per SM, every group with at least one step (a tile's contributors are counted
-  // from the split, so an empty group would never arrive).
-  const int64_t blocks = imin64(sms, steps / (v.warps / v.group));
+  if (smem_of[dev] < sk_variant_smem(v) + kSkXSmemMax) return plan;
+  int64_t blocks = n_tiles;
+  if (v.tile) {  // the block's warps are one group: they must split a tile's iterations evenly
+    if ((p.cols / 128) % v.warps != 0 || n_tiles >= (int64_t(1) << 31)) return plan;
+  } else {
+    // The group must divide the iterations of a tile; a smaller one is used when it does not.
+    while (v.group > 1 && (p.cols / 128) % v.group != 0) v.group /= 2;
+    const int64_t steps = n_tiles * (p.cols / 128 / v.group);
+    // Persistent: one block per SM, every group with at least one step (a tile's contributors are counted
+    // from the split, so an empty group would never arrive).
+    blocks = imin64(sms, steps / (v.warps / v.group));
+  }
   if (blocks < 1) return plan;
   plan.ok = true;
   plan.blocks = static_cast<int>(blocks);
@@ -506,8 +543,9 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.warps = v.warps;
   plan.group = v.group;
   plan.pf = v.pf;
+  plan.tile = v.tile;
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
-  plan.x_smem = m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
+  plan.x_smem = !v.tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
   plan.partial_floats = blocks * (v.warps / v.group) * 2 * 128;
   return plan;
 }

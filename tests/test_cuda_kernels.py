@@ -126,7 +126,7 @@ def check_gemv(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> None:
     assert y is not None and y.dtype == x.dtype and y.shape == (x.shape[0], qt.shape[0])
     if qt.layout == INTG:
         w = intg_reference(qt, x.dtype)
-    elif qt.layout == "nf4-bnb-v1" and cuda_ext.load().last_nf4_gemv() == "stream-k":
+    elif qt.layout == "nf4-bnb-v1" and cuda_ext.load().last_nf4_gemv() != "generic":
         w = nf4_streamk_weights(qt, x.dtype)
     else:
         w = dispatch.reference(qt.layout)(qt, x.dtype)
@@ -237,7 +237,7 @@ OUT_SUBNORMAL = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
 def nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, blocksize, rows, cols, xdtype, path):
     """W as the kernel that ran (`path`) forms it: the generic core rounds each dequantized weight to x's
     dtype; stream-K multiplies quant_map rounded to x's dtype by the fp32 absmax (exact in float64 here)."""
-    if path == "stream-k":
+    if path != "generic":  # the factored kernels of cuda/nf4_gemv.cu
         return nf4_formula(packed, qmap.to(xdtype).double(), code, nmap.double(), nabs.double(), offset.double(),
                            blocksize, 256, rows, cols, torch.float64)
     return nf4_formula(packed, qmap, code, nmap, nabs, offset, blocksize, 256, rows, cols, xdtype)
@@ -272,13 +272,14 @@ def test_nf4_gemv_kernel(ext, xdtype):
 NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 1024), (4096, 4096), (100, 1536)]
 
 
-@pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2"])
+@pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2", "tile4", "tile8"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkeypatch):
-    """Forced on, the stream-K kernel runs on every whole-iteration shape, for every absmax form and tuning
-    variant, computes its documented function, and is deterministic (split tiles are summed in group order)."""
+    """Forced on, the stream-K kernel (and its one-block-per-tile form) runs on every whole-iteration shape, for
+    every absmax form and tuning variant, computes its documented function, and is deterministic (split tiles
+    are summed in group order)."""
     monkeypatch.setenv("LOWBITPACK_NF4_SK", variant)
     for i, (rows, cols) in enumerate(NF4_SK_SHAPES):
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, blocksize, seed=70 + i)
@@ -294,7 +295,12 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             else:
                 args = (d[0], d[1], am.to(DEV), None, None, None, 0.0, blocksize, 256, rows, cols)
             y = ext.nf4_gemv(x.to(DEV), *args)
-            assert ext.last_nf4_gemv() == "stream-k", (rows, cols)
+            expect = "stream-k"
+            if variant.startswith("tile"):  # one block per tile: its warps must split the tile's iterations
+                expect = "pair-tile" if (cols // 128) % int(variant[4:]) == 0 else "generic"
+            assert ext.last_nf4_gemv() == expect, (rows, cols)
+            if expect == "generic":
+                continue
             check_nf4_gemv(y, x, w)
             y2 = ext.nf4_gemv(x.to(DEV), *args)
             assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), "not deterministic"
