@@ -22,10 +22,15 @@
 //    share a tile write fp32 partials, count themselves on a per-tile counter, and the last one sums the
 //    partials in group order (deterministic) and stores the tile. Counters are left at zero for the next call.
 //
-// What it bought (H100, docs/KERNELS.md iteration 4): the decode is ~1.5 instructions a weight instead of
-// ~4, yet the kernel is not faster at one token on mid-size weights -- it is bound by memory latency and
-// its own start-up and fix-up round trips, not by issue. It wins with several tokens (m = 8: 26.3 against
-// 33.6 us at 14336x4096) and on very large weights, and nf4_gemv_plan runs it only there.
+// The same kernel also runs in a one-block-per-tile form (kTile): the grid is the tiles, a block's warps
+// are one group, and a 32 KB per-lane table (entry e at e * 128 + 4 * lane: PRMT + shift) is filled by
+// every block. It suits weights whose tiles fit in about one wave.
+//
+// What it bought (H100, docs/KERNELS.md iteration 4): the decode is ~1.5-2 instructions a weight instead of
+// ~4, yet neither form is faster at one token on 14336x4096 -- they are bound by memory latency and their
+// start-up and fix-up round trips, not by issue. Stream-K wins with several tokens (m = 8: 26.3 against
+// 33.6 us at 14336x4096) and on very large weights; the tile form on weights of <= 2 tiles per SM
+// (4096x14336: 21.1 against 24.3 us). nf4_gemv_plan runs each only there.
 //
 // Fragment mapping: lane = 4g + t owns rows g and g + 8 of the tile. For each 64-column sub-block it loads
 // the 8 code bytes of columns [16t, 16t + 16) of both rows. mma j (0..3) takes bytes 2j (k slots 2t, 2t+1)
@@ -486,16 +491,18 @@ cudaError_t run_sk_dtype(const Nf4Params& p, const Nf4GemvPlan& plan, const void
 
 Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void* x) {
   Nf4GemvPlan plan{};
-  // When it runs, from the H100 measurements (docs/KERNELS.md, iteration 4): stream-K beats the generic core
-  // for several rows of x on large weights (m = 8, 14336x4096: 26.3 against 33.6 us) and at any m on very
-  // large ones (m = 1, 32768x16384: 146 against 189 us); at m = 1 it is even at 14336x4096 and slower on
-  // 4096x4096 (14.3 against 9.8 us), where its fixed start and fix-up latencies show.
-  // LOWBITPACK_NF4_SK=off never runs it; on (or a variant name) runs it wherever it applies.
+  // Which kernel runs, from the H100 measurements (docs/KERNELS.md, iteration 4), unless LOWBITPACK_NF4_SK
+  // says (off: never; on: stream-K wherever it applies; tile<N> or w<W>g<G>pf<P>: that variant):
+  // - one block per tile (tile8) when all tiles fit in about one wave (<= 2 per SM) of a weight of >= 2^24
+  //   elements: 4096x14336 at 1 token 21.1 against 24.3 us (generic), 4096x4096 9.0 against 9.8;
+  // - stream-K for m >= 4 on >= 2^25 elements (m = 8, 14336x4096: 26.3 against 33.6 us) and for any m on
+  //   >= 2^28 (m = 1, 32768x16384: 146 against 190 us);
+  // - otherwise the generic core (at m = 1, 14336x4096 both factored kernels only tie it, and smaller
+  //   weights were not measured).
   const char* env = std::getenv("LOWBITPACK_NF4_SK");
   const std::string mode = env ? env : "";
   if (mode == "off") return plan;
   const int64_t numel = p.rows * p.cols;
-  if (mode.empty() && !((m >= 4 && numel >= (int64_t(1) << 25)) || numel >= (int64_t(1) << 28))) return plan;
   const bool nested = p.absmax == nullptr;
   const auto addr = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
   if (m < 1 || m > 8 || (x_dtype != kBF16 && x_dtype != kF16)) return plan;
@@ -523,6 +530,12 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   }
   const int sms = sms_of[dev];
   SkVariant v = parse_variant();
+  if (mode.empty()) {
+    if (numel >= (int64_t(1) << 24) && n_tiles <= 2 * sms && (p.cols / 128) % 8 == 0)
+      v = SkVariant{8, 8, 2, true};
+    else if (!((m >= 4 && numel >= (int64_t(1) << 25)) || numel >= (int64_t(1) << 28)))
+      return plan;
+  }
   if (kernel_for<__nv_bfloat16, true, true>(v) == nullptr || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
   if (smem_of[dev] < sk_variant_smem(v) + kSkXSmemMax) return plan;
   int64_t blocks = n_tiles;

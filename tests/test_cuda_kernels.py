@@ -307,11 +307,15 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
 
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
-    """By default stream-K runs for m >= 4 on weights of >= 2^25 elements and for any m on >= 2^28; shapes it does not cover
-    (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take the generic kernel."""
+    """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan): one block per tile when the tiles of a >= 2^24
+    weight fit in two per SM, stream-K for m >= 4 on >= 2^25 elements and any m on >= 2^28, else the generic
+    core; shapes the factored kernels do not cover (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take
+    the generic kernel."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = [(40, 1000, 64, "on", 2, "generic"), (40, 4096, 32, "on", 2, "generic"), (300, 4096, 64, "off", 2, "generic"),
-             (4096, 4096, 64, "", 8, "generic"), (8192, 4096, 64, "", 3, "generic"), (8192, 4096, 64, "", 4, "stream-k"),
-             (16384, 16384, 64, "", 1, "stream-k")]
+             (300, 4096, 64, "", 2, "generic"), (8192, 4096, 64, "", 4, "stream-k"),
+             (16384, 16384, 64, "", 1, "stream-k"), (16 * sms, 4096, 64, "", 1, "pair-tile"),
+             (16 * (2 * sms + 1), 8192, 64, "", 3, "generic")]
     for rows, cols, bs, env, m, path in cases:
         monkeypatch.setenv("LOWBITPACK_NF4_SK", env)
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, bs, seed=5)
@@ -319,7 +323,7 @@ def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
         x = torch.randn(m, cols, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
         y = ext.nf4_gemv(x.to(DEV), d[0], d[1], None, d[2], d[3], d[4], float(offset), bs, 256, rows, cols)
         assert ext.last_nf4_gemv() == path, (rows, cols, env, m)
-        if path == "stream-k":
+        if path != "generic":
             continue  # checked in test_nf4_gemv_stream_k
         check_nf4_gemv(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, bs, rows, cols, torch.bfloat16,
                                               "generic"))
