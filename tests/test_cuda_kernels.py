@@ -314,7 +314,7 @@ def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = [(40, 1000, 64, "on", 2, "generic"), (40, 4096, 32, "on", 2, "generic"), (300, 4096, 64, "off", 2, "generic"),
              (300, 4096, 64, "", 2, "generic"), (8192, 4096, 64, "", 4, "stream-k"),
-             (16384, 16384, 64, "", 1, "stream-k"), (16 * sms, 4096, 64, "", 1, "pair-tile"),
+             (16384, 16384, 64, "", 1, "stream-k"), (16 * sms, 8192, 64, "", 1, "pair-tile"),
              (16 * (2 * sms + 1), 8192, 64, "", 3, "generic")]
     for rows, cols, bs, env, m, path in cases:
         monkeypatch.setenv("LOWBITPACK_NF4_SK", env)
