@@ -92,7 +92,16 @@ __device__ __forceinline__ uint64_t load_codes8(const uint8_t* ptr) {
   else if constexpr (B == 4) return __ldg(reinterpret_cast<const unsigned int*>(ptr));
   else if constexpr (B == 2) return __ldg(reinterpret_cast<const unsigned short*>(ptr));
   else if constexpr (B == 1) return __ldg(ptr);
-  else {
+  else if constexpr (B == 3) {
+    // 3 bytes at any offset: the aligned word holding the first byte, and the next word only when the bytes
+    // run into it (never read past the code bytes).
+    const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
+    const unsigned int* w = reinterpret_cast<const unsigned int*>(a & ~uintptr_t(3));
+    const unsigned sh = static_cast<unsigned>(a & 3) * 8;
+    uint64_t v = __ldg(w);
+    if (sh > 8) v |= static_cast<uint64_t>(__ldg(w + 1)) << 32;
+    return (v >> sh) & 0xFFFFFFu;
+  } else {
     uint64_t raw = 0;
 #pragma unroll
     for (int i = 0; i < B; ++i) raw |= static_cast<uint64_t>(__ldg(ptr + i)) << (8 * i);
@@ -100,10 +109,18 @@ __device__ __forceinline__ uint64_t load_codes8(const uint8_t* ptr) {
   }
 }
 
+// n / d for n < 2^32 and 2 <= d < 2^32 with one 64-bit high multiply instead of a ~20-instruction division:
+// magic = ceil(2^64 / d) (host: div_magic), and floor(n * magic / 2^64) = floor(n / d) because the rounding
+// adds less than n / 2^64 < 2^-32 < 1 / d. d = 1 passes magic 0 and divides by itself.
+__device__ __forceinline__ uint32_t div_by_magic(uint32_t n, uint64_t magic) {
+  return magic ? static_cast<uint32_t>(__umul64hi(static_cast<uint64_t>(n), magic)) : n;
+}
+inline uint64_t div_magic(uint32_t d) { return d < 2 ? 0 : (~uint64_t(0) / d) + 1; }
+
 template <int B, bool OFFSET, typename OutT>
 __global__ void __launch_bounds__(256) intg_dequant_fast_kernel(const IntgParams p, OutT* __restrict__ out,
-                                                                uint32_t chunks_per_row, uint32_t n_chunks,
-                                                                int g_shift) {
+                                                                uint32_t chunks_per_row, uint64_t cpr_magic,
+                                                                uint32_t n_chunks, int g_shift) {
   const uint32_t base = blockIdx.x * blockDim.x * kSub + threadIdx.x;
   uint64_t raw[kSub];
   uint32_t s_bits[kSub], z_bits[kSub];
@@ -113,7 +130,7 @@ __global__ void __launch_bounds__(256) intg_dequant_fast_kernel(const IntgParams
     raw[u] = 0;
     s_bits[u] = z_bits[u] = 0;
     if (sc < n_chunks) {
-      const uint32_t row = sc / chunks_per_row, c = sc - row * chunks_per_row;
+      const uint32_t row = div_by_magic(sc, cpr_magic), c = sc - row * chunks_per_row;
       raw[u] = load_codes8<B>(p.qweight + static_cast<int64_t>(row) * p.row_bytes + c * B);
       const uint32_t col0 = c * 8;
       const uint32_t g = g_shift >= 0 ? (col0 >> g_shift) : col0 / static_cast<uint32_t>(p.group_size);
@@ -144,8 +161,8 @@ cudaError_t launch_fast(const IntgParams& p, void* out, int64_t cpr, int64_t n_c
   const int threads = 256;
   const int64_t grid = (n_chunks + threads * kSub - 1) / (threads * kSub);
   intg_dequant_fast_kernel<B, OFFSET, OutT><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-      p, static_cast<OutT*>(out), static_cast<uint32_t>(cpr), static_cast<uint32_t>(n_chunks),
-      log2_exact(p.group_size));
+      p, static_cast<OutT*>(out), static_cast<uint32_t>(cpr), div_magic(static_cast<uint32_t>(cpr)),
+      static_cast<uint32_t>(n_chunks), log2_exact(p.group_size));
   return cudaGetLastError();
 }
 
