@@ -92,16 +92,7 @@ __device__ __forceinline__ uint64_t load_codes8(const uint8_t* ptr) {
   else if constexpr (B == 4) return __ldg(reinterpret_cast<const unsigned int*>(ptr));
   else if constexpr (B == 2) return __ldg(reinterpret_cast<const unsigned short*>(ptr));
   else if constexpr (B == 1) return __ldg(ptr);
-  else if constexpr (B == 3) {
-    // 3 bytes at any offset: the aligned word holding the first byte, and the next word only when the bytes
-    // run into it (never read past the code bytes).
-    const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
-    const unsigned int* w = reinterpret_cast<const unsigned int*>(a & ~uintptr_t(3));
-    const unsigned sh = static_cast<unsigned>(a & 3) * 8;
-    uint64_t v = __ldg(w);
-    if (sh > 8) v |= static_cast<uint64_t>(__ldg(w + 1)) << 32;
-    return (v >> sh) & 0xFFFFFFu;
-  } else {
+  else {
     uint64_t raw = 0;
 #pragma unroll
     for (int i = 0; i < B; ++i) raw |= static_cast<uint64_t>(__ldg(ptr + i)) << (8 * i);
