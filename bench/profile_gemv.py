@@ -1,9 +1,10 @@
 """Run one NF4 GEMV configuration a few times, for Nsight Compute (`ncu`) to profile.
 
-    ncu --kernel-name regex:nf4 --launch-skip 3 --launch-count 1 --section WarpStateStats \
-        python bench/profile_gemv.py --shape 14336x4096 --variant w16pf2:0
+    ncu --kernel-name regex:gemv --launch-skip 3 --launch-count 1 --section WarpStateStats \
+        python bench/profile_gemv.py --shape 14336x4096 --variant w16g4pf2/mode=2
 
-VARIANT is LOWBITPACK_NF4_SK[:LOWBITPACK_NF4_SK_L2] (cuda/nf4_gemv.cu); `off` runs the generic kernel.
+VARIANT is LOWBITPACK_NF4_SK[/key=value...] as in bench/kernels.py --nf4-variants (cuda/nf4_gemv.cu: on,
+off = the generic kernel, tile8, w16g4pf2, ...; /mode=1 or /mode=2 for the compute-only / loads-only builds).
 Weights are random NF4 codes with double-quantized absmax (bitsandbytes' default layout, blocksize 64).
 """
 from __future__ import annotations
@@ -23,11 +24,11 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--calls", type=int, default=6)
     args = ap.parse_args()
-    name, _, l2 = args.variant.partition(":")
+    name, *opts = args.variant.split("/")
     if name:
         os.environ["LOWBITPACK_NF4_SK"] = name
-    if l2:
-        os.environ["LOWBITPACK_NF4_SK_L2"] = l2
+    for k, _, v in (o.partition("=") for o in opts):
+        os.environ[f"LOWBITPACK_NF4_SK_{k.upper()}"] = v
     rows, cols = (int(v) for v in args.shape.split("x"))
     ext = cuda_ext.load()
     g = torch.Generator(device="cuda").manual_seed(0)
