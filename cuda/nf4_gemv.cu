@@ -48,10 +48,11 @@
 namespace lowbit {
 namespace {
 
-// One block per SM (persistent). The pair table must start at a 64 KB boundary of the shared window so
-// that one PRMT builds the whole address (bytes 2-3 = the table's, byte 1 = code byte, byte 0 = 4 * lane);
-// the dynamic shared memory starts at 0x400 on sm_90, so the block asks for 128 KB and places the table at
-// the first 64 KB boundary, the nested map and the group reduction buffers after it.
+// Stream-K form: one block per SM (persistent). Its pair table must start at a 64 KB boundary of the shared
+// window so that one PRMT builds the whole address (bytes 2-3 = the table's, byte 1 = code byte, byte 0 =
+// 4 * lane); the dynamic shared memory starts at 0x400 on sm_90, so the block asks for 128 KB and places the
+// table at the first 64 KB boundary, the nested map and the group reduction buffers after it. (The tile
+// form uses a 32 KB table at the start of its shared memory: sk_variant_smem.)
 constexpr int kSkLutBytes = 256 * 256;  // 256 entries x 256 bytes (32 lanes x 4 bytes used)
 constexpr int kSkSmemBase = 2 * kSkLutBytes + 256 * 4;
 __host__ __device__ constexpr int sk_smem_bytes(int warps) { return kSkSmemBase + 2 * warps * 32 * 16; }
