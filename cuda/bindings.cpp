@@ -222,11 +222,13 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   const int xd = dtype_code(x.scalar_type());
   const lowbit::Nf4GemvPlan plan = lowbit::nf4_gemv_plan(p, x.size(0), xd, x.data_ptr());
   if (plan.ok) {
-    int* counters = tile_counters(packed, plan.n_tiles, stream);
-    at::Tensor partials = at::empty({plan.partial_floats}, packed.options().dtype(at::kFloat));
-    check_launch(lowbit::nf4_gemv_sk(p, plan, x.data_ptr(), x.size(0), xd, y.data_ptr(), partials.data_ptr<float>(),
-                                     counters, stream),
-                 "nf4_gemv (stream-K)");
+    // Stream-K's fix-up scratch; the tile form shares no tile and needs none.
+    int* counters = plan.partial_floats ? tile_counters(packed, plan.n_tiles, stream) : nullptr;
+    at::Tensor partials;
+    if (plan.partial_floats) partials = at::empty({plan.partial_floats}, packed.options().dtype(at::kFloat));
+    check_launch(lowbit::nf4_gemv_sk(p, plan, x.data_ptr(), x.size(0), xd, y.data_ptr(),
+                                     plan.partial_floats ? partials.data_ptr<float>() : nullptr, counters, stream),
+                 "nf4_gemv (pair table)");
     g_last_nf4_gemv = plan.tile ? "pair-tile" : "stream-k";
     return y;
   }

@@ -77,13 +77,14 @@ cudaError_t intg_gemv(const IntgParams& p, const void* x, int64_t m, int x_dtype
 cudaError_t nf4_gemv(const Nf4Params& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream);
 cudaError_t lowra_gemv(const LowraParams& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream);
 
-// NF4 stream-K GEMV (nf4_gemv.cu) for whole 128-column iterations: cols % 128 == 0, power-of-two blocksize
-// >= 64, aligned storage. It factors absmax out of each 64-column sub-block, so each weight enters as
-// quant_map[q] rounded to x's dtype (times the fp32 absmax after the fp32 block sum) instead of
-// r(quant_map[q] * absmax): same precision, not the same bits as dequantize-then-matmul.
-// nf4_gemv_plan says whether it applies and what the caller must provide: `partial_floats` floats of
-// scratch (any contents) and `n_tiles` int counters that are zero before the first call; every call leaves
-// them zero again, so one counter buffer serves all calls on a stream.
+// NF4 pair-table GEMV (nf4_gemv.cu; stream-K or one-block-per-tile form) for whole 128-column iterations:
+// cols % 128 == 0, power-of-two blocksize >= 64, aligned storage. It factors absmax out of each 64-column
+// sub-block, so each weight enters as quant_map[q] rounded to x's dtype (times the fp32 absmax after the
+// fp32 block sum) instead of r(quant_map[q] * absmax): same precision, not the same bits as
+// dequantize-then-matmul. nf4_gemv_plan says whether it applies (and which form) and what the caller must
+// provide when partial_floats > 0 (stream-K): `partial_floats` floats of scratch (any contents) and
+// `n_tiles` int counters that are zero before the first call; every call leaves them zero again, so one
+// counter buffer serves all calls on a stream. The tile form takes null for both.
 struct Nf4GemvPlan {
   bool ok;
   int blocks;

@@ -53,9 +53,6 @@ namespace {
 // 4 * lane); the dynamic shared memory starts at 0x400 on sm_90, so the block asks for 128 KB and places the
 // table at the first 64 KB boundary, the nested map and the group reduction buffers after it. (The tile
 // form uses a 32 KB table at the start of its shared memory: sk_variant_smem.)
-constexpr int kSkLutBytes = 256 * 256;  // 256 entries x 256 bytes (32 lanes x 4 bytes used)
-constexpr int kSkSmemBase = 2 * kSkLutBytes + 256 * 4;
-__host__ __device__ constexpr int sk_smem_bytes(int warps) { return kSkSmemBase + 2 * warps * 32 * 16; }
 // x is staged in shared memory when it is at most this large (m * cols * 2 bytes): its loads then wait
 // ~30 cycles on the shared-memory pipe instead of an L1 round trip behind the streaming code loads.
 constexpr int kSkXSmemMax = 32 * 1024;
@@ -413,19 +410,22 @@ struct SkVariant {
 };
 constexpr SkVariant kSkDefault{16, 4, 2, false};
 
-inline SkVariant parse_variant() {
+// The variant LOWBITPACK_NF4_SK names (`mode`); the default for anything else.
+inline SkVariant parse_variant(const std::string& mode) {
   SkVariant v = kSkDefault;
-  const char* e = std::getenv("LOWBITPACK_NF4_SK");
   int w = 0;
-  if (e && std::sscanf(e, "tile%d", &w) == 1) return SkVariant{w, w, 2, true};
-  if (e && std::sscanf(e, "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
+  if (std::sscanf(mode.c_str(), "tile%d", &w) == 1) return SkVariant{w, w, 2, true};
+  if (std::sscanf(mode.c_str(), "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
   return v;
 }
 
-// Dynamic shared memory of a variant, x staging excluded.
+// Dynamic shared memory of a variant without x: the pair table (tile: 32 KB; stream-K: the 64 KB table and
+// up to 64 KB of slack to its 64 KB boundary), the nested map, the two group-reduction buffers.
 inline int sk_variant_smem(const SkVariant& v) {
-  return v.tile ? 256 * 128 + 256 * 4 + 2 * v.warps * 32 * 16 : sk_smem_bytes(v.warps);
+  return (v.tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
 }
+// The most a launch of the variant may ask for (stream-K stages x when it fits in kSkXSmemMax).
+inline int sk_variant_smem_max(const SkVariant& v) { return sk_variant_smem(v) + (v.tile ? 0 : kSkXSmemMax); }
 
 template <typename XT, bool kNested, bool kBs64>
 using SkKernel = void (*)(const SkArgs<kNested, kBs64>, const float*, const float*, const XT*, int, XT*);
@@ -471,7 +471,7 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   const auto kern = kernel_for<XT, kNested, kBs64>(v);
   if (kern == nullptr) return cudaErrorInvalidValue;
   const int smem = sk_variant_smem(v) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
-  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem(v) + kSkXSmemMax);
+  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem_max(v));
   if (e != cudaSuccess) return e;
   kern<<<plan.blocks, plan.warps * 32, smem, stream>>>(a, p.quant_map, p.nested_map, static_cast<const XT*>(x), m,
                                                        static_cast<XT*>(y));
@@ -513,7 +513,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   if (nested ? addr(p.absmax_code) % 2 != 0 : addr(p.absmax) % 8 != 0) return plan;
   const int64_t n_tiles = (p.rows + 15) / 16;
   const int64_t total = n_tiles * (p.cols / 128);
-  if (total >= (int64_t(1) << 31) / 8 || (p.rows * p.cols) >> log2_exact(p.blocksize) >= (int64_t(1) << 32)) return plan;
+  if (total >= (int64_t(1) << 31) / 8 || numel >> log2_exact(p.blocksize) >= (int64_t(1) << 32)) return plan;
 
   // Device facts, read once per device.
   static int sms_of[64] = {0}, smem_of[64] = {0};
@@ -530,7 +530,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
     return plan;
   }
   const int sms = sms_of[dev];
-  SkVariant v = parse_variant();
+  SkVariant v = parse_variant(mode);
   if (mode.empty()) {
     if (numel >= (int64_t(1) << 24) && n_tiles <= 2 * sms && (p.cols / 128) % 8 == 0)
       v = SkVariant{8, 8, 2, true};
@@ -538,7 +538,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
       return plan;
   }
   if (kernel_for<__nv_bfloat16, true, true>(v) == nullptr || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
-  if (smem_of[dev] < sk_variant_smem(v) + kSkXSmemMax) return plan;
+  if (smem_of[dev] < sk_variant_smem_max(v)) return plan;
   int64_t blocks = n_tiles;
   if (v.tile) {  // the block's warps are one group: they must split a tile's iterations evenly
     if ((p.cols / 128) % v.warps != 0 || n_tiles >= (int64_t(1) << 31)) return plan;
@@ -560,7 +560,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.tile = v.tile;
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
   plan.x_smem = !v.tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
-  plan.partial_floats = blocks * (v.warps / v.group) * 2 * 128;
+  plan.partial_floats = v.tile ? 0 : blocks * (v.warps / v.group) * 2 * 128;  // tiles are never shared
   return plan;
 }
 
