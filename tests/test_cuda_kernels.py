@@ -111,7 +111,7 @@ def test_intg_unaligned_storage_uses_slow_path_correctly():
 
 
 def nf4_streamk_weights(qt: QuantizedTensor, xdtype: torch.dtype) -> torch.Tensor:
-    """The weights the stream-K NF4 GEMV multiplies by: quant_map rounded to x's dtype, times the fp32 absmax
+    """The weights the NF4 pair-table GEMVs multiply by: quant_map rounded to x's dtype, times the fp32 absmax
     (absmax is factored out of each 64-column sub-block, cuda/nf4_gemv.cu)."""
     t = dict(qt.tensors)
     t["quant_map"] = t["quant_map"].to(xdtype).float()
@@ -120,9 +120,26 @@ def nf4_streamk_weights(qt: QuantizedTensor, xdtype: torch.dtype) -> torch.Tenso
     return dispatch.reference(qt.layout)(q2, torch.float32)
 
 
+# Half the spacing of the output dtype's subnormals: below its smallest normal, rounding the output is
+# off by up to this much, not by eps relative (fp16 outputs under 6e-5 occur when an absmax is near 0).
+OUT_SUBNORMAL = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
+
+
+def check_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y (device) against float64 x @ W^T: one rounding of the output (half an ulp, taken as a full one, or
+    half a subnormal step) plus fp32 accumulation error."""
+    ref = x.double() @ w.double().t()
+    bound = x.double().abs() @ w.double().abs().t()
+    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[x.dtype]
+    tol = eps * ref.abs() + 2.0**-14 * bound + OUT_SUBNORMAL[x.dtype]
+    err = (y.cpu().double() - ref).abs()
+    assert torch.isfinite(y.cpu().double()).all()
+    assert (err <= tol).all(), f"m={x.shape[0]}: max err {float(err.max())}, worst err/tol {float((err / tol).max())}"
+
+
 def check_gemv(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> None:
     """y (device) against float64 x @ W^T with W = reference dequantization rounded to x's dtype (or, for the
-    stream-K NF4 kernel, the weights it multiplies by)."""
+    NF4 pair-table kernels, the weights they multiply by)."""
     assert y is not None and y.dtype == x.dtype and y.shape == (x.shape[0], qt.shape[0])
     if qt.layout == INTG:
         w = intg_reference(qt, x.dtype)
@@ -130,14 +147,7 @@ def check_gemv(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> None:
         w = nf4_streamk_weights(qt, x.dtype)
     else:
         w = dispatch.reference(qt.layout)(qt, x.dtype)
-    ref = x.double() @ w.double().t()
-    bound = x.double().abs() @ w.double().abs().t()
-    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[x.dtype]
-    # one rounding of the output (half an ulp, taken as a full one) + fp32 accumulation error
-    tol = eps * ref.abs() + 2.0**-14 * bound + OUT_SUBNORMAL[x.dtype]
-    err = (y.cpu().double() - ref).abs()
-    assert torch.isfinite(y.cpu().double()).all()
-    assert (err <= tol).all(), f"max err {float(err.max())}, worst ratio {float((err / tol).max())}"
+    check_product(y, x, w)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -229,11 +239,6 @@ def test_nf4_dequant_kernel_bit_exact(ext, dtype, blocksize):
         assert bits_equal(out2, ref)
 
 
-# Half the spacing of the output dtype's subnormals: below its smallest normal, rounding the output is
-# off by up to this much, not by eps relative (fp16 outputs under 6e-5 occur when an absmax is near 0).
-OUT_SUBNORMAL = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
-
-
 def nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, blocksize, rows, cols, xdtype, path):
     """W as the kernel that ran (`path`) forms it: the generic core rounds each dequantized weight to x's
     dtype; stream-K multiplies quant_map rounded to x's dtype by the fp32 absmax (exact in float64 here)."""
@@ -241,17 +246,6 @@ def nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, blocksize, rows, co
         return nf4_formula(packed, qmap.to(xdtype).double(), code, nmap.double(), nabs.double(), offset.double(),
                            blocksize, 256, rows, cols, torch.float64)
     return nf4_formula(packed, qmap, code, nmap, nabs, offset, blocksize, 256, rows, cols, xdtype)
-
-
-def check_nf4_gemv(y, x, w):
-    """y against float64 x @ W^T: one rounding of the output plus fp32 accumulation error."""
-    ref = x.double() @ w.double().t()
-    bound = x.double().abs() @ w.double().abs().t()
-    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[x.dtype]
-    err = (y.cpu().double() - ref).abs()
-    tol = eps * ref.abs() + 2.0**-14 * bound + OUT_SUBNORMAL[x.dtype]
-    assert torch.isfinite(y.cpu().double()).all()
-    assert (err <= tol).all(), f"m={x.shape[0]}: worst err/tol {float((err / tol).max())}"
 
 
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
@@ -263,7 +257,7 @@ def test_nf4_gemv_kernel(ext, xdtype):
             x = torch.randn(m, cols, generator=torch.Generator().manual_seed(i)).to(xdtype)
             y = ext.nf4_gemv(x.to(DEV), d[0], d[1], None, d[2], d[3], d[4], float(offset), 64, 256, rows, cols)
             path = ext.last_nf4_gemv()
-            check_nf4_gemv(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, 64, rows, cols, xdtype, path))
+            check_product(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, 64, rows, cols, xdtype, path))
 
 
 # Shapes for the stream-K NF4 GEMV (cols % 128 == 0): tiles split over many warp groups, whole tiles per
@@ -301,7 +295,7 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             assert ext.last_nf4_gemv() == expect, (rows, cols)
             if expect == "generic":
                 continue
-            check_nf4_gemv(y, x, w)
+            check_product(y, x, w)
             y2 = ext.nf4_gemv(x.to(DEV), *args)
             assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), "not deterministic"
 
@@ -325,7 +319,7 @@ def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
         assert ext.last_nf4_gemv() == path, (rows, cols, env, m)
         if path != "generic":
             continue  # checked in test_nf4_gemv_stream_k
-        check_nf4_gemv(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, bs, rows, cols, torch.bfloat16,
+        check_product(y, x, nf4_gemv_weights(packed, qmap, code, nmap, nabs, offset, bs, rows, cols, torch.bfloat16,
                                               "generic"))
 
 
