@@ -91,6 +91,15 @@ def time_op(fn: Callable[[int], object], n_copies: int, inner: int, reps: int) -
     return res
 
 
+def nf4_variant_env(variant: str) -> dict[str, str]:
+    """VARIANT[/key=value...] -> LOWBITPACK_NF4_SK=VARIANT, LOWBITPACK_NF4_SK_<KEY>=value (cuda/nf4_gemv.cu:
+    e.g. w16g4pf2/xsmem=0, w16g4pf2/mode=1, tile8, on, off)."""
+    name, *opts = variant.split("/")
+    env = {"LOWBITPACK_NF4_SK": name}
+    env.update({f"LOWBITPACK_NF4_SK_{k.upper()}": val for k, _, val in (o.partition("=") for o in opts)})
+    return env
+
+
 def copies_for(nbytes: int, l2: int) -> int:
     return max(2, math.ceil(4 * l2 / max(nbytes, 1)))
 
@@ -269,11 +278,7 @@ def main() -> None:
                 res["ours_nf4"] = record("gemv", shape, "ours-nf4" + sfx, t, nf4_bytes, m,
                                          kernel=ext.last_nf4_gemv())
                 for v in ([] if wv else nf4_variants):
-                    # VARIANT[/key=value...] -> LOWBITPACK_NF4_SK=VARIANT, LOWBITPACK_NF4_SK_<KEY>=value
-                    # (cuda/nf4_gemv.cu: e.g. w16g4pf2/xsmem=0, w16g4pf2/mode=1)
-                    name, *opts = v.split("/")
-                    env = {"LOWBITPACK_NF4_SK": name}
-                    env.update({f"LOWBITPACK_NF4_SK_{k.upper()}": val for k, _, val in (o.partition("=") for o in opts)})
+                    env = nf4_variant_env(v)
                     os.environ.update(env)
                     t = time_op(lambda i: ext.nf4_gemv(x, *ours_nf4_args(i)), n_c, args.inner, args.reps)
                     res[f"ours_nf4_{v}"] = record("gemv", shape, f"ours-nf4-{v}", t, nf4_bytes, m,

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from kernels import nf4_variant_env  # bench/kernels.py, beside this script
 from lowbitpack.kernels import cuda_ext
 
 
@@ -24,11 +25,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--calls", type=int, default=6)
     args = ap.parse_args()
-    name, *opts = args.variant.split("/")
-    if name:
-        os.environ["LOWBITPACK_NF4_SK"] = name
-    for k, _, v in (o.partition("=") for o in opts):
-        os.environ[f"LOWBITPACK_NF4_SK_{k.upper()}"] = v
+    if args.variant:
+        os.environ.update(nf4_variant_env(args.variant))
     rows, cols = (int(v) for v in args.shape.split("x"))
     ext = cuda_ext.load()
     g = torch.Generator(device="cuda").manual_seed(0)
