@@ -162,19 +162,6 @@ def cmd_ppl(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ (c) logits
 
-def _loader_weights_diff(model, art) -> tuple[float, int]:
-    worst, n = 0.0, 0
-    for name, mod in model.named_modules():
-        if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
-            half = mod.scales
-            mod.scales = half.float()
-            w = mod.dequantize_weight().t().float()
-            mod.scales = half
-            worst = max(worst, float((w - art.dense(f"{name}.weight", torch.float32)).abs().max()))
-            n += 1
-    return worst, n
-
-
 def cmd_logits(args) -> None:
     """Export each artifact as GPTQ v1 and v2, load it with GPTQModel and with transformers (+optimum) on CPU,
     compare logits on held-out windows with our f32 dequantized model."""
@@ -186,7 +173,7 @@ def cmd_logits(args) -> None:
     from lowbitpack.artifact import Artifact
     from lowbitpack.data import kjv_split
     from lowbitpack.eval import tokenize_stream
-    from lowbitpack.export.gptq import export_gptq
+    from lowbitpack.export.gptq import export_gptq, loaded_weights_max_diff
     from lowbitpack.modeling import load_dequantized_model
     meta = _meta()
     meta["versions"] = {"gptqmodel": gm.__version__, "optimum": getattr(optimum, "__version__", None) or
@@ -233,7 +220,7 @@ def cmd_logits(args) -> None:
                     out["results"].append(r)
                     print(r, flush=True)
                     continue
-                wdiff, n = _loader_weights_diff(model, art)
+                wdiff, n = loaded_weights_max_diff(model, art)
                 d = (got - ref).abs()
                 r.update({"quantized_modules_seen": n, "loader_weights_max_abs_diff": wdiff,
                           "logits_max_abs_diff": round(float(d.max()), 5), "logits_mean_abs_diff": round(float(d.mean()), 6),

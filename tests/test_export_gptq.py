@@ -11,8 +11,8 @@ import torch
 import lowbitpack
 from lowbitpack.artifact import Artifact, ArtifactWriter
 from lowbitpack.errors import InputError, OptionError
-from lowbitpack.export.gptq import (dequantize_gptq, export_gptq, pack_gptq_qweight, pack_gptq_qzeros,
-                                    unpack_gptq_qweight, unpack_gptq_qzeros)
+from lowbitpack.export.gptq import (dequantize_gptq, export_gptq, loaded_weights_max_diff, pack_gptq_qweight,
+                                    pack_gptq_qzeros, unpack_gptq_qweight, unpack_gptq_qzeros)
 from lowbitpack.importers.gptq import import_gptq
 from lowbitpack.layouts.bitpack import pack_bits
 from lowbitpack.layouts.intg import LAYOUT
@@ -289,15 +289,7 @@ def _gptqmodel():
 
 def _loaded_weights_equal(model, art) -> float:
     """Max |W_loaded - W_ours| with the loader's own dequantization run in float32."""
-    worst, checked = 0.0, 0
-    for name, mod in model.named_modules():
-        if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
-            half = mod.scales
-            mod.scales = half.float()
-            w = mod.dequantize_weight().t().float()
-            mod.scales = half
-            worst = max(worst, float((w - art.dense(f"{name}.weight", torch.float32)).abs().max()))
-            checked += 1
+    worst, checked = loaded_weights_max_diff(model, art)
     assert checked == 14
     return worst
 

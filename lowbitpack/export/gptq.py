@@ -107,6 +107,23 @@ def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, in_features: in
 
 # --- planning ---------------------------------------------------------------------------------------------------
 
+def loaded_weights_max_diff(model: torch.nn.Module, artifact: Any) -> tuple[float, int]:
+    """Max |W_loaded - W_ours| over the GPTQ linears of a model that GPTQModel or optimum loaded from our export,
+    with the loader's own `dequantize_weight` run in float32 (its fp16 scales upcast for the call), against
+    `artifact.dense(name, float32)`; and how many modules were compared. Used by the load-back tests and
+    bench/gptq_smollm2.py."""
+    worst, checked = 0.0, 0
+    for name, mod in model.named_modules():
+        if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
+            half = mod.scales
+            mod.scales = half.float()
+            w = mod.dequantize_weight().t().float()
+            mod.scales = half
+            worst = max(worst, float((w - artifact.dense(f"{name}.weight", torch.float32)).abs().max()))
+            checked += 1
+    return worst, checked
+
+
 def _module_group_size(rec: dict[str, Any], n_groups: int) -> int:
     return -1 if n_groups == 1 else int(rec["group_size"])
 
