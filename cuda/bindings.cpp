@@ -194,7 +194,7 @@ at::Tensor nf4_dequant(const at::Tensor& packed, const at::Tensor& quant_map, co
   return out;
 }
 
-// Which NF4 GEMV kernel the last nf4_gemv call ran ("stream-k", "pair-tile" or "generic"): the factored
+// Which NF4 GEMV kernel the last nf4_gemv call ran ("stream-k", "pair-tile", "pair-ring" or "generic"): the factored
 // kernels (nf4_gemv.cu) and the generic core round differently
 // (lowbit_kernels.h), so the tests check each against its own exact product.
 std::string g_last_nf4_gemv;
@@ -222,14 +222,14 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   const int xd = dtype_code(x.scalar_type());
   const lowbit::Nf4GemvPlan plan = lowbit::nf4_gemv_plan(p, x.size(0), xd, x.data_ptr());
   if (plan.ok) {
-    // Stream-K's fix-up scratch; the tile form shares no tile and needs none.
+    // Stream-K's fix-up scratch; the tile and ring forms share no tile and need none.
     int* counters = plan.partial_floats ? tile_counters(packed, plan.n_tiles, stream) : nullptr;
     at::Tensor partials;
     if (plan.partial_floats) partials = at::empty({plan.partial_floats}, packed.options().dtype(at::kFloat));
     check_launch(lowbit::nf4_gemv_sk(p, plan, x.data_ptr(), x.size(0), xd, y.data_ptr(),
                                      plan.partial_floats ? partials.data_ptr<float>() : nullptr, counters, stream),
                  "nf4_gemv (pair table)");
-    g_last_nf4_gemv = plan.tile ? "pair-tile" : "stream-k";
+    g_last_nf4_gemv = plan.form == lowbit::kNf4Tile ? "pair-tile" : plan.form == lowbit::kNf4Ring ? "pair-ring" : "stream-k";
     return y;
   }
   check_launch(lowbit::nf4_gemv(p, x.data_ptr(), x.size(0), xd, y.data_ptr(), stream), "nf4_gemv");

@@ -77,22 +77,29 @@ cudaError_t intg_gemv(const IntgParams& p, const void* x, int64_t m, int x_dtype
 cudaError_t nf4_gemv(const Nf4Params& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream);
 cudaError_t lowra_gemv(const LowraParams& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream);
 
-// NF4 pair-table GEMV (nf4_gemv.cu; stream-K or one-block-per-tile form) for whole 128-column iterations:
+// NF4 pair-table GEMV (nf4_gemv.cu; stream-K, one-block-per-tile or ring form) for whole 128-column iterations:
 // cols % 128 == 0, power-of-two blocksize >= 64, aligned storage. It factors absmax out of each 64-column
 // sub-block, so each weight enters as quant_map[q] rounded to x's dtype (times the fp32 absmax after the
 // fp32 block sum) instead of r(quant_map[q] * absmax): same precision, not the same bits as
 // dequantize-then-matmul. nf4_gemv_plan says whether it applies (and which form) and what the caller must
 // provide when partial_floats > 0 (stream-K): `partial_floats` floats of scratch (any contents) and
 // `n_tiles` int counters that are zero before the first call; every call leaves them zero again, so one
-// counter buffer serves all calls on a stream. The tile form takes null for both.
+// counter buffer serves all calls on a stream. The tile and ring forms take null for both.
+enum Nf4GemvForm : int {
+  kNf4StreamK = 0,  // persistent stream-K over warp groups (needs the scratch below)
+  kNf4Tile = 1,     // one block per 16-row tile
+  kNf4Ring = 2,     // persistent, whole tiles per block, codes streamed by a bulk-copy producer warp (sm_90+)
+};
 struct Nf4GemvPlan {
   bool ok;
+  int form;   // Nf4GemvForm
   int blocks;
-  int warps;  // per block
+  int warps;  // per block (consumer warps: the ring form adds its producer warp)
   int group;  // warps that work on one tile together
-  int pf;     // iterations each warp keeps in flight
+  int pf;     // iterations (ring: absmax fetches, in stages) each warp keeps in flight
+  int stages; // ring form: shared-memory stages
+  int it;     // ring form: 128-column iterations of each consumer warp per stage
   bool x_smem;  // x is staged in shared memory
-  bool tile;    // one block per 16-row tile instead of persistent stream-K
   int64_t n_tiles;
   int64_t partial_floats;
 };

@@ -43,6 +43,9 @@
 #include <string>
 #include <utility>
 
+#include <cuda.h>          // CUtensorMap (the ring form's tensor map; encoded through the runtime's driver entry point)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
 #include "common.cuh"
 
 namespace lowbit {
@@ -106,7 +109,9 @@ __device__ __forceinline__ int sk_owner(int f, int total, int nw) {
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE): 0 = the kernel; 1 = no global code loads
 // (decode and mma only: the compute-bound time); 2 = no decode (loads only: the load-bound time).
-template <typename XT, bool kNested, bool kBs64, int kMode = 0, bool kTable32 = false>
+// kXShared: x is in shared memory at the 32-bit address xs_addr (x_smem known at compile time: LDS instead
+// of generic loads).
+template <typename XT, bool kNested, bool kBs64, int kMode = 0, bool kTable32 = false, bool kXShared = false>
 struct SkWarp {
   const SkArgs<kNested, kBs64>& a;
   const XT* __restrict__ x;
@@ -124,6 +129,7 @@ struct SkWarp {
   int f_tile, f_step;
   const uint8_t* p0;
   const uint8_t* p1;
+  uint32_t xs_addr;  // kXShared: shared address of xl
 
   __device__ __forceinline__ void set_fetch_tile(int tile, int step) {
     f_tile = tile;
@@ -148,7 +154,11 @@ struct SkWarp {
     r.c[slot][1] = ldg_stream8(p + 32);
     // absmax block of sub-block A: element (2 * byte offset) >> log2(blocksize); the lane's 8 * t bytes
     // never cross a block (blocksize >= 64). Even when blocksize is 64 (cols % 128 == 0).
-    const uint32_t blk = static_cast<uint32_t>((p - a.packed) >> (a.bs_shift - 1));
+    fetch_absmax(static_cast<uint32_t>((p - a.packed) >> (a.bs_shift - 1)), slot, r);
+  }
+
+  // The raw absmax bits of block `blk` (sub-block A; with blocksize 64 also blk + 1, sub-block B).
+  __device__ __forceinline__ void fetch_absmax(uint32_t blk, int slot, SkRaw<kNested, kBs64>& r) const {
     if constexpr (kNested) {
       if constexpr (kBs64) r.s[slot][0] = __ldg(reinterpret_cast<const uint16_t*>(a.absmax_code + blk));
       else r.s[slot][0] = __ldg(a.absmax_code + blk);
@@ -201,13 +211,34 @@ struct SkWarp {
       acc[1] += __uint_as_float((r.c[0][0].y ^ r.c[0][1].x ^ r.c[1][0].y ^ r.c[1][1].x ^ r.s[1][0]) & 0x3FFFFFu);
       return;
     }
+    compute_with(r, it, [&](int slot, int sub) { return absmax_of(r, slot, sub); }, acc);
+  }
+  // The same with the absmax of (row slot, sub-block sub) from `absmax(slot, sub)` (r's codes only).
+  template <typename Absmax>
+  __device__ __forceinline__ void compute_with(const SkRaw<kNested, kBs64>& r, int it, const Absmax& absmax,
+                                               float (&acc)[4]) const {
+    if constexpr (kMode == 2) {  // no decode (tuning): keep the codes and absmax alive
+      acc[0] += __uint_as_float((r.c[0][0].x ^ r.c[0][1].y ^ r.c[1][0].x ^ r.c[1][1].y) & 0x3FFFFFu) + absmax(0, 0);
+      acc[1] += __uint_as_float((r.c[0][0].y ^ r.c[0][1].x ^ r.c[1][0].y ^ r.c[1][1].x) & 0x3FFFFFu) + absmax(1, 1);
+      return;
+    }
     const bool active = g < m;
 #pragma unroll
     for (int sub = 0; sub < 2; ++sub) {
       uint32_t xw[8];
       if (active) {
-        const uint4* xp = reinterpret_cast<const uint4*>(xl + it * 128 + 64 * sub);
-        const uint4 v0 = xp[0], v1 = xp[1];  // read-only during the kernel (global) or after the barrier (shared)
+        uint4 v0, v1;
+        if constexpr (kXShared) {
+          const uint32_t xa = xs_addr + 2u * static_cast<uint32_t>(it * 128 + 64 * sub);
+          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v0.x), "=r"(v0.y), "=r"(v0.z), "=r"(v0.w) : "r"(xa));
+          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                       : "=r"(v1.x), "=r"(v1.y), "=r"(v1.z), "=r"(v1.w)
+                       : "r"(xa + 16));
+        } else {
+          const uint4* xp = reinterpret_cast<const uint4*>(xl + it * 128 + 64 * sub);
+          v0 = xp[0];  // read-only during the kernel (global) or after the barrier (shared)
+          v1 = xp[1];
+        }
         xw[0] = v0.x; xw[1] = v0.y; xw[2] = v0.z; xw[3] = v0.w;
         xw[4] = v1.x; xw[5] = v1.y; xw[6] = v1.z; xw[7] = v1.w;
       } else {
@@ -222,7 +253,7 @@ struct SkWarp {
         const int b = 2 * (j & 1);
         mma16816<XT>(d, pair(w0, b), pair(w1, b), pair(w0, b + 1), pair(w1, b + 1), xw[2 * j], xw[2 * j + 1]);
       }
-      const float am0 = absmax_of(r, 0, sub), am1 = absmax_of(r, 1, sub);
+      const float am0 = absmax(0, sub), am1 = absmax(1, sub);
       acc[0] = fmaf(am0, d[0], acc[0]);
       acc[1] = fmaf(am0, d[1], acc[1]);
       acc[2] = fmaf(am1, d[2], acc[2]);
@@ -276,6 +307,48 @@ struct SkWarp {
   }
 };
 
+// Fill the pair table (entry e of lane l at e * kEntryBytes + 4l: {r(qm[e >> 4]), r(qm[e & 15])}), the nested
+// map after it, and x's first n16 16-byte pieces into xs, with threads [0, kThreads) of the block (tid). Every
+// global load is issued before any of them is used, so this costs one memory latency, not one per loop trip.
+template <typename XT, bool kNested, int kEntryBytes, int kThreads>
+__device__ __forceinline__ void sk_fill_shared(int tid, uint8_t* table_ptr, const float* __restrict__ quant_map,
+                                               const float* __restrict__ nested_map, const XT* __restrict__ x,
+                                               XT* xs, int n16) {
+  constexpr int kLutBytes = 256 * kEntryBytes;
+  const float q = __ldg(quant_map + (tid & 15));
+  constexpr int kNmPer = (256 + kThreads - 1) / kThreads;  // nested-map entries per thread
+  float nmv[kNmPer];
+#pragma unroll
+  for (int k = 0; k < kNmPer; ++k) {
+    const int i = tid + k * kThreads;
+    nmv[k] = (kNested && i < 256) ? __ldg(nested_map + i) : 0.f;
+  }
+  constexpr int kXPer = (kSkXSmemMax / 16 + kThreads - 1) / kThreads;  // uint4 pieces of x per thread
+  uint4 xv[kXPer];
+#pragma unroll
+  for (int k = 0; k < kXPer; ++k) {
+    const int i = tid + k * kThreads;
+    if (i < n16) xv[k] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  }
+  // 8 x 16 bytes = lanes 4j .. 4j + 3 of entry e. The trip count is the same for every lane (2048 / kThreads),
+  // as the shuffles need.
+  for (int i = tid; i < 256 * 8; i += kThreads) {
+    const int e = i >> 3, j = i & 7;
+    const uint32_t v = Cvt<XT>::pack2(__shfl_sync(0xffffffffu, q, e >> 4), __shfl_sync(0xffffffffu, q, e & 15));
+    *reinterpret_cast<uint4*>(table_ptr + e * kEntryBytes + j * 16) = make_uint4(v, v, v, v);
+  }
+#pragma unroll
+  for (int k = 0; k < kNmPer; ++k) {
+    const int i = tid + k * kThreads;
+    if (kNested && i < 256) reinterpret_cast<float*>(table_ptr + kLutBytes)[i] = nmv[k];
+  }
+#pragma unroll
+  for (int k = 0; k < kXPer; ++k) {
+    const int i = tid + k * kThreads;
+    if (i < n16) reinterpret_cast<uint4*>(xs)[i] = xv[k];
+  }
+}
+
 // kTile: one block per 16-row tile (grid = tiles, the block's warps are one group, no partial tiles), with
 // a 32 KB per-lane table (entry e of lane l at e * 128 + 4l) that each block fills; several blocks share an
 // SM. Otherwise persistent stream-K with the 64 KB table (see the top of the file).
@@ -304,41 +377,9 @@ __global__ void __launch_bounds__(kWarps * 32, kTile ? 512 / (kWarps * 32) : 1)
   for (int i = 0; i < kPF; ++i)
     if (W.begin + i < W.end) W.fetch(buf[i]);
 
-  // Tables (and x), while the first codes are in flight. Every global load of this prologue is issued
-  // before any of them is used, so it costs one memory latency, not one per loop trip.
-  const float q = __ldg(quant_map + (lane & 15));
-  constexpr int kNmPer = (256 + kWarps * 32 - 1) / (kWarps * 32);  // nested-map entries per thread
-  float nmv[kNmPer];
-#pragma unroll
-  for (int k = 0; k < kNmPer; ++k) {
-    const int i = threadIdx.x + k * kWarps * 32;
-    nmv[k] = (kNested && i < 256) ? __ldg(nested_map + i) : 0.f;
-  }
-  constexpr int kXPer = (kSkXSmemMax / 16 + kWarps * 32 - 1) / (kWarps * 32);  // uint4 pieces of x per thread
-  uint4 xv[kXPer];
-  const int n16 = a.x_smem ? static_cast<int>(m * a.cols / 8) : 0;  // cols % 128 == 0: whole pieces
-#pragma unroll
-  for (int k = 0; k < kXPer; ++k) {
-    const int i = threadIdx.x + k * kWarps * 32;
-    if (i < n16) xv[k] = __ldg(reinterpret_cast<const uint4*>(x) + i);
-  }
-  // Entry e of lane l: {r(qm[e >> 4]), r(qm[e & 15])}; 8 x 16 bytes = lanes 4j .. 4j + 3 of entry e. The
-  // trip count is the same for every lane (2048 / blockDim), as the shuffles need.
-  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
-    const int e = i >> 3, j = i & 7;
-    const uint32_t v = Cvt<XT>::pack2(__shfl_sync(0xffffffffu, q, e >> 4), __shfl_sync(0xffffffffu, q, e & 15));
-    *reinterpret_cast<uint4*>(table_ptr + e * kEntryBytes + j * 16) = make_uint4(v, v, v, v);
-  }
-#pragma unroll
-  for (int k = 0; k < kNmPer; ++k) {
-    const int i = threadIdx.x + k * kWarps * 32;
-    if (kNested && i < 256) reinterpret_cast<float*>(table_ptr + kLutBytes)[i] = nmv[k];
-  }
-#pragma unroll
-  for (int k = 0; k < kXPer; ++k) {
-    const int i = threadIdx.x + k * kWarps * 32;
-    if (i < n16) reinterpret_cast<uint4*>(xs)[i] = xv[k];
-  }
+  // Tables (and x), while the first codes are in flight.
+  sk_fill_shared<XT, kNested, kEntryBytes, kWarps * 32>(threadIdx.x, table_ptr, quant_map, nested_map, x, xs,
+                                                        a.x_smem ? static_cast<int>(m * a.cols / 8) : 0);
   __syncthreads();
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -386,6 +427,230 @@ __global__ void __launch_bounds__(kWarps * 32, kTile ? 512 / (kWarps * 32) : 1)
   if (!W.whole(last_tile)) W.flush_partial(last_tile, acc);  // the range ends inside a shared tile
 }
 
+// ---- Ring form (sm_90): a producer warp streams the codes into shared memory with the tensor-copy engine.
+//
+// The other forms keep a tile's codes in flight in registers: 2 iterations a warp at ~124 registers, which
+// left their loads-only skeleton 1.6x its read ceiling at 14336x4096 (docs/KERNELS.md, iteration 4). Here one
+// producer warp per block issues one tensor copy of 16 rows x (64 * kWarps * kIt + 32) bytes per stage into a
+// ring of kStages shared-memory stages, completing on mbarriers; data in flight needs no registers, so a
+// block keeps kStages * ~9-17 KB of loads in flight. The kWarps consumer warps take kIt 128-column iterations
+// of each stage each (the pair-table decode and mma of SkWarp::compute), fetch their absmax bits kPF stages
+// ahead, release the stage, and reduce a tile's sums across warps when its last stage is done.
+// The grid is persistent (one block per SM), each block taking a contiguous range of whole tiles (no shared
+// tiles, no fix-up, deterministic).
+
+// Bytes after each row's chunk in a stage: rows g and g + 1 then start 8 banks apart, so a warp's 8-byte
+// code reads (8 rows x 32 bytes) take 2 shared-memory wavefronts, the minimum for 256 bytes. The pad is
+// filled by the same tensor copy (its box is 32 bytes wider than the chunk: the next chunk's first bytes, an
+// L2 hit when that chunk is loaded, or zeros past the row's end), so a stage is one copy.
+constexpr int kRingRowPad = 32;
+// Stages whose absmax bits each consumer warp fetches ahead (registers; the codes come through the ring).
+constexpr int kRingPF = 3;
+
+// mbarrier and bulk-copy primitives. sm_90+ only: the plan never picks the ring form below that, and the
+// kernel body compiles to a trap there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define LOWBIT_RING_ARCH 1
+#endif
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#ifdef LOWBIT_RING_ARCH
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#ifdef LOWBIT_RING_ARCH
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#ifdef LOWBIT_RING_ARCH
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Wait until the phase of parity `parity` of the barrier has completed (acquire: the stage's data is visible).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#ifdef LOWBIT_RING_ARCH
+  asm volatile(
+      "{\n\t.reg .pred done;\n"
+      "RING_WAIT:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+      "@!done bra RING_WAIT;\n}" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// Tensor copy global -> shared of the box at element coordinates {x0, y0} of the 2D tensor map; its bytes
+// complete on `bar`.
+__device__ __forceinline__ void tensor_copy_g2s(uint32_t dst, const CUtensorMap* map, int x0, int y0, uint32_t bar) {
+#ifdef LOWBIT_RING_ARCH
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x0), "r"(y0), "r"(bar)
+      : "memory");
+#endif
+}
+__device__ __forceinline__ uint2 lds_u64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+// Shared memory of the ring form: the 32 KB pair table, the nested map, the two reduction buffers, the
+// kStages full and empty barriers (padded to 128 bytes: tensor copies need 128-byte aligned stages), the
+// stages; then x (x_smem).
+__host__ __device__ constexpr int ring_stage_bytes(int iterations) { return 16 * (64 * iterations + kRingRowPad); }
+__host__ __device__ constexpr int ring_bars_bytes(int stages) { return (16 * stages + 127) / 128 * 128; }
+__host__ __device__ constexpr int ring_smem(int warps, int stages, int it) {
+  return 256 * 128 + 256 * 4 + 2 * warps * 32 * 16 + ring_bars_bytes(stages) + stages * ring_stage_bytes(warps * it);
+}
+
+// kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6): 0 = the kernel; 1 = no decode (the
+// pipeline alone: copies, waits, code reads); 2 = no copies and no waits (the consumers' decode and mma alone).
+template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kIt, int kPF, bool kXSmem, int kMode = 0>
+__global__ void __launch_bounds__((kWarps + 1) * 32, 1)
+    nf4_gemv_ring_kernel(const SkArgs<kNested, kBs64> a, const __grid_constant__ CUtensorMap codes_map,
+                         const float* __restrict__ quant_map,
+                         const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
+#ifndef LOWBIT_RING_ARCH
+  __trap();
+#else
+  constexpr int kRowBytes = 64 * kWarps * kIt, kRowStride = kRowBytes + kRingRowPad;
+  constexpr int kStageBytes = ring_stage_bytes(kWarps * kIt);
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  float4* const red = reinterpret_cast<float4*>(smem + 256 * 128 + 256 * 4);  // [2][kWarps][32]
+  uint8_t* const bars = reinterpret_cast<uint8_t*>(red + 2 * kWarps * 32);   // full[kStages], empty[kStages]
+  uint8_t* const ring = bars + ring_bars_bytes(kStages);
+  XT* const xs = reinterpret_cast<XT*>(ring + kStages * kStageBytes);
+  static_assert(kStageBytes % 128 == 0 && (kRowBytes + kRingRowPad) / 8 <= 256, "tensor-copy box limits");
+  const uint32_t full0 = smem_addr(bars), empty0 = full0 + 8 * kStages, ring0 = smem_addr(ring);
+  const int n_tiles = static_cast<int>((a.rows + 15) >> 4);
+  const int tile0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * n_tiles / gridDim.x);
+  const int tile1 = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * n_tiles / gridDim.x);
+  const int n_stages = (tile1 - tile0) * a.n_steps;  // a.n_steps: stages (chunks of kWarps * kIt iterations) a tile
+  const int64_t row_bytes = a.cols >> 1;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(full0 + 8 * i, 1);            // the producer's arrive (plus the copy's bytes)
+      mbar_init(empty0 + 8 * i, kWarps);      // one arrive per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kWarps) {
+    // Producer, one lane: a stage is one tensor copy of the chunk's bytes (plus the pad) of the tile's 16 rows
+    // (rows past the end come back as zeros and are never stored). One instruction a stage: per-row bulk
+    // copies cost ~40-70 ns of producer issue each (measured), which bounded the whole kernel.
+    if (lane != 0 || kMode == 2) return;
+    if ((ring0 & 127u) != 0u) __trap();  // the dynamic shared memory starts 1 KB-aligned on sm_90
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&codes_map)) : "memory");
+    int tile = tile0, chunk = 0;
+    for (int s = 0; s < n_stages; ++s) {
+      const int slot = s % kStages;
+      if (s >= kStages) mbar_wait(empty0 + 8 * slot, ((s / kStages) - 1) & 1);
+      const uint32_t bar = full0 + 8 * slot;
+      mbar_arrive_expect_tx(bar, kStageBytes);
+      tensor_copy_g2s(ring0 + slot * kStageBytes, &codes_map, chunk * (kRowBytes / 8), tile * 16, bar);
+      if (++chunk == a.n_steps) {
+        chunk = 0;
+        ++tile;
+      }
+    }
+    return;
+  }
+
+  SkWarp<XT, kNested, kBs64, kMode == 1 ? 2 : 0, true, kXSmem> W{
+      a, x, y, m, lane, g, t, warp, smem_addr(smem) + 4u * static_cast<uint32_t>(lane), smem_addr(smem) + 256 * 128,
+      (kXSmem ? xs : x) + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t, 0, 0, 0, 0};
+  W.xs_addr = smem_addr(xs) + 2u * static_cast<uint32_t>((g < m ? g : 0) * a.cols + 16 * t);
+  const int n_it = static_cast<int>(a.cols >> 7);
+  // Iteration j of this warp in a stage is chunk * kWarps * kIt + j * kWarps + warp: a stage's row chunk is
+  // kWarps * kIt iterations of 64 bytes.
+  const auto iteration = [&](int chunk, int j) { return (chunk * kIt + j) * kWarps + warp; };
+  // Absmax fetch cursor (kPF stages ahead of the stage being computed) and its ring of raw bits. Block
+  // indices are 32-bit (the plan checks that the weight has < 2^32 blocks): the first block of rows g and
+  // g + 8 of the fetch tile, plus the iteration's.
+  SkRaw<kNested, kBs64> buf[kPF + 1][kIt];
+  const uint32_t row_blocks = static_cast<uint32_t>(a.cols >> a.bs_shift);
+  const auto row_block0 = [&](int tile, int r) {
+    return static_cast<uint32_t>(imin64(static_cast<int64_t>(tile) * 16 + r, a.rows - 1)) * row_blocks;
+  };
+  int f_chunk = 0, f_tile = tile0;
+  uint32_t f_blk0 = row_block0(tile0, g), f_blk1 = row_block0(tile0, g + 8);
+  const auto fetch_absmax = [&](SkRaw<kNested, kBs64> (&r)[kIt]) {
+#pragma unroll
+    for (int j = 0; j < kIt; ++j) {
+      const int it = iteration(f_chunk, j);
+      if (it < n_it) {
+        const uint32_t b = static_cast<uint32_t>(it * 128) >> a.bs_shift;
+        W.fetch_absmax(f_blk0 + b, 0, r[j]);
+        W.fetch_absmax(f_blk1 + b, 1, r[j]);
+      }
+    }
+    if (++f_chunk == a.n_steps) {
+      f_chunk = 0;
+      ++f_tile;
+      f_blk0 = row_block0(f_tile, g);
+      f_blk1 = row_block0(f_tile, g + 8);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kPF; ++i)
+    if (i < n_stages) fetch_absmax(buf[i]);
+  sk_fill_shared<XT, kNested, 128, kWarps * 32>(threadIdx.x, smem, quant_map, nested_map, x, xs,
+                                                kXSmem ? static_cast<int>(m * a.cols / 8) : 0);
+  named_barrier(1, kWarps * 32);  // the consumers' tables and x are ready (the producer is not waited for)
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int tile = tile0, chunk = 0, parity = 0, reducer = 0;
+  for (int f = 0; f < n_stages; f += kPF + 1) {
+#pragma unroll
+    for (int u = 0; u <= kPF; ++u) {
+      const int s = f + u;
+      if (s < n_stages) {
+        if (s + kPF < n_stages) fetch_absmax(buf[(u + kPF) % (kPF + 1)]);
+        const int slot = s % kStages;
+        if (kMode != 2) mbar_wait(full0 + 8 * slot, (s / kStages) & 1);
+#pragma unroll
+        for (int j = 0; j < kIt; ++j) {
+          if (iteration(chunk, j) < n_it) {
+            const uint32_t p = ring0 + slot * kStageBytes + g * kRowStride + 64 * (j * kWarps + warp) + 8 * t;
+            buf[u][j].c[0][0] = lds_u64(p);
+            buf[u][j].c[0][1] = lds_u64(p + 32);
+            buf[u][j].c[1][0] = lds_u64(p + 8 * kRowStride);
+            buf[u][j].c[1][1] = lds_u64(p + 8 * kRowStride + 32);
+          }
+        }
+        __syncwarp();
+        if (lane == 0 && kMode != 2) mbar_arrive(empty0 + 8 * slot);  // the codes are in registers: refill
+#pragma unroll
+        for (int j = 0; j < kIt; ++j)
+          if (iteration(chunk, j) < n_it) W.compute(buf[u][j], iteration(chunk, j), acc);
+        if (++chunk == a.n_steps) {  // the tile's last stage: sum the warps' partial dot products
+          red[(parity * kWarps + warp) * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+          named_barrier(2, kWarps * 32);
+          if (warp == reducer) {  // in warp order (deterministic); the task rotates so no warp falls behind
+            acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+            for (int w = 0; w < kWarps; ++w) {
+              const float4 v = red[(parity * kWarps + w) * 32 + lane];
+              acc[0] += v.x; acc[1] += v.y; acc[2] += v.z; acc[3] += v.w;
+            }
+            W.store_tile(tile, acc);
+          }
+          reducer = reducer == kWarps - 1 ? 0 : reducer + 1;
+          parity ^= 1;  // two buffers: a warp writes this one again only after the next barrier
+          acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          chunk = 0;
+          ++tile;
+        }
+      }
+    }
+  }
+#endif
+}
+
 // Raise the kernel's dynamic shared-memory limit once per (kernel, device): the attribute call costs
 // microseconds, which a 1-token GEMV should not pay every time.
 cudaError_t allow_smem(const void* kern, int bytes) {
@@ -406,26 +671,38 @@ cudaError_t allow_smem(const void* kern, int bytes) {
 // measured fastest on the H100 (docs/KERNELS.md).
 struct SkVariant {
   int warps, group, pf;
-  bool tile;  // one block per tile (tile<warps>), see nf4_gemv_sk_kernel
+  int form;        // Nf4GemvForm
+  int stages = 0;  // ring form: shared-memory stages
+  int it = 1;      // ring form: 128-column iterations of each consumer warp per stage
 };
-constexpr SkVariant kSkDefault{16, 4, 2, false};
+constexpr SkVariant kSkDefault{16, 4, 2, kNf4StreamK};
 
 // The variant LOWBITPACK_NF4_SK names (`mode`); the default for anything else.
 inline SkVariant parse_variant(const std::string& mode) {
   SkVariant v = kSkDefault;
-  int w = 0;
-  if (std::sscanf(mode.c_str(), "tile%d", &w) == 1) return SkVariant{w, w, 2, true};
+  int w = 0, st = 0;
+  if (std::sscanf(mode.c_str(), "tile%d", &w) == 1) return SkVariant{w, w, 2, kNf4Tile};
+  if (std::sscanf(mode.c_str(), "ring%ds%d", &w, &st) == 2) {  // ring<warps>s<stages>[i<iterations>]
+    int it = 1;
+    const size_t i = mode.rfind('i');
+    if (i != std::string::npos && std::sscanf(mode.c_str() + i, "i%d", &it) != 1) it = 1;
+    return SkVariant{w, w, kRingPF, kNf4Ring, st, it};
+  }
   if (std::sscanf(mode.c_str(), "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
   return v;
 }
 
 // Dynamic shared memory of a variant without x: the pair table (tile: 32 KB; stream-K: the 64 KB table and
-// up to 64 KB of slack to its 64 KB boundary), the nested map, the two group-reduction buffers.
+// up to 64 KB of slack to its 64 KB boundary), the nested map, the two group-reduction buffers (ring: and its
+// barriers and stages).
 inline int sk_variant_smem(const SkVariant& v) {
-  return (v.tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
+  if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages, v.it);
+  return (v.form == kNf4Tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
 }
-// The most a launch of the variant may ask for (stream-K stages x when it fits in kSkXSmemMax).
-inline int sk_variant_smem_max(const SkVariant& v) { return sk_variant_smem(v) + (v.tile ? 0 : kSkXSmemMax); }
+// The most a launch of the variant may ask for (stream-K and ring stage x when it fits in kSkXSmemMax).
+inline int sk_variant_smem_max(const SkVariant& v) {
+  return sk_variant_smem(v) + (v.form == kNf4Tile ? 0 : kSkXSmemMax);
+}
 
 template <typename XT, bool kNested, bool kBs64>
 using SkKernel = void (*)(const SkArgs<kNested, kBs64>, const float*, const float*, const XT*, int, XT*);
@@ -437,7 +714,8 @@ SkKernel<XT, kNested, kBs64> kernel_for(const SkVariant& v) {
     if (mode && mode[0] == '1' && v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2, 1>;
     if (mode && mode[0] == '2' && v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2, 2>;
   }
-  if (v.tile) {
+  if (v.form == kNf4Ring) return nullptr;  // ring_kernel_for
+  if (v.form == kNf4Tile) {
     if (v.warps == 4) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 4, 2, 0, true>;
     if (v.warps == 8) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 8, 2, 0, true>;
     return nullptr;
@@ -446,6 +724,62 @@ SkKernel<XT, kNested, kBs64> kernel_for(const SkVariant& v) {
   if (v.warps == 16 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 16, 2>;
   if (v.warps == 8 && v.pf == 2) return nf4_gemv_sk_kernel<XT, kNested, kBs64, 8, 2>;
   return nullptr;
+}
+
+template <typename XT, bool kNested, bool kBs64>
+using RingKernel = void (*)(const SkArgs<kNested, kBs64>, const CUtensorMap, const float*, const float*, const XT*, int,
+                            XT*);
+
+template <typename XT, bool kNested, bool kBs64, bool kXSmem>
+RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
+  if (v.form != kNf4Ring) return nullptr;
+  if constexpr (kNested && kBs64) {
+    const char* mode = std::getenv("LOWBITPACK_NF4_SK_MODE");
+    if (mode && mode[0] == '1' && v.warps == 16 && v.stages == 6 && v.it == 1)
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 1>;
+    if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && v.it == 1)
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 2>;
+  }
+  if (v.warps == 16 && v.stages == 6 && v.it == 1) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem>;
+  if (v.warps == 8 && v.stages == 8 && v.it == 1) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 8, 1, kRingPF, kXSmem>;
+  return nullptr;
+}
+template <typename XT, bool kNested, bool kBs64>
+RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v, bool x_smem) {
+  return x_smem ? ring_kernel_for<XT, kNested, kBs64, true>(v) : ring_kernel_for<XT, kNested, kBs64, false>(v);
+}
+inline bool variant_exists(const SkVariant& v) {
+  return v.form == kNf4Ring ? ring_kernel_for<__nv_bfloat16, true, true>(v, false) != nullptr
+                            : kernel_for<__nv_bfloat16, true, true>(v) != nullptr;
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda); null if unavailable.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    cudaGetLastError();
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The ring form's view of the codes: 8-byte elements, [rows][cols / 16], boxes of 16 rows x (the stage's chunk
+// + the pad), zeros out of bounds.
+cudaError_t encode_codes_map(const Nf4Params& p, const Nf4GemvPlan& plan, CUtensorMap* map) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.cols / 16), static_cast<cuuint64_t>(p.rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.cols / 2)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>((64 * plan.warps * plan.it + kRingRowPad) / 8), 16};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT64, 2, const_cast<uint8_t*>(p.packed), dims, strides, box,
+                            elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 template <typename XT, bool kNested, bool kBs64>
@@ -462,17 +796,31 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.rows = p.rows;
   a.cols = p.cols;
   a.group = plan.group;
-  a.n_steps = static_cast<int>(p.cols / 128 / plan.group);
+  // Steps of a tile: stream-K and tile form, one 128-column iteration per warp of the group; ring form,
+  // one stage of `warps` iterations (the last one may be partial).
+  const int64_t n_it = p.cols / 128;
+  const int64_t per_stage = static_cast<int64_t>(plan.warps) * plan.it;
+  a.n_steps = static_cast<int>(plan.form == kNf4Ring ? (n_it + per_stage - 1) / per_stage : n_it / plan.group);
   a.total = static_cast<int>(plan.n_tiles * a.n_steps);
   a.partials = partials;
   a.counters = counters;
   a.x_smem = plan.x_smem;
-  const SkVariant v{plan.warps, plan.group, plan.pf, plan.tile};
+  const SkVariant v{plan.warps, plan.group, plan.pf, plan.form, plan.stages, plan.it};
+  const int smem = sk_variant_smem(v) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
+  cudaError_t e;
+  if (plan.form == kNf4Ring) {  // plus its producer warp and the codes' tensor map
+    const auto kern = ring_kernel_for<XT, kNested, kBs64>(v, plan.x_smem);
+    if (kern == nullptr) return cudaErrorInvalidValue;
+    alignas(64) CUtensorMap map;
+    if ((e = encode_codes_map(p, plan, &map)) != cudaSuccess) return e;
+    if ((e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem_max(v))) != cudaSuccess) return e;
+    kern<<<plan.blocks, (plan.warps + 1) * 32, smem, stream>>>(a, map, p.quant_map, p.nested_map,
+                                                              static_cast<const XT*>(x), m, static_cast<XT*>(y));
+    return cudaGetLastError();
+  }
   const auto kern = kernel_for<XT, kNested, kBs64>(v);
   if (kern == nullptr) return cudaErrorInvalidValue;
-  const int smem = sk_variant_smem(v) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
-  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem_max(v));
-  if (e != cudaSuccess) return e;
+  if ((e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem_max(v))) != cudaSuccess) return e;
   kern<<<plan.blocks, plan.warps * 32, smem, stream>>>(a, p.quant_map, p.nested_map, static_cast<const XT*>(x), m,
                                                        static_cast<XT*>(y));
   return cudaGetLastError();
@@ -516,7 +864,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   if (total >= (int64_t(1) << 31) / 8 || numel >> log2_exact(p.blocksize) >= (int64_t(1) << 32)) return plan;
 
   // Device facts, read once per device.
-  static int sms_of[64] = {0}, smem_of[64] = {0};
+  static int sms_of[64] = {0}, smem_of[64] = {0}, major_of[64] = {0};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) {
     cudaGetLastError();
@@ -524,6 +872,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   }
   if (sms_of[dev] == 0 &&
       (cudaDeviceGetAttribute(&smem_of[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+       cudaDeviceGetAttribute(&major_of[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
        cudaDeviceGetAttribute(&sms_of[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)) {
     cudaGetLastError();  // the generic path runs instead
     sms_of[dev] = 0;
@@ -533,15 +882,22 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   SkVariant v = parse_variant(mode);
   if (mode.empty()) {
     if (numel >= (int64_t(1) << 24) && n_tiles <= 2 * sms && (p.cols / 128) % 8 == 0)
-      v = SkVariant{8, 8, 2, true};
+      v = SkVariant{8, 8, 2, kNf4Tile};
     else if (!((m >= 4 && numel >= (int64_t(1) << 25)) || numel >= (int64_t(1) << 28)))
       return plan;
   }
-  if (kernel_for<__nv_bfloat16, true, true>(v) == nullptr || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
+  if (!variant_exists(v) || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
   if (smem_of[dev] < sk_variant_smem_max(v)) return plan;
+  // mbarrier transaction counts and tensor copies: sm_90; the tensor map's rows and the coordinates are 32-bit.
+  // The box (16 rows x the chunk and its pad) must fit in the tensor.
+  if (v.form == kNf4Ring && (major_of[dev] < 9 || tensor_map_encoder() == nullptr || p.rows >= (int64_t(1) << 31) ||
+                             p.rows < 16 || p.cols / 2 < 64 * v.warps * v.it + kRingRowPad))
+    return plan;
   int64_t blocks = n_tiles;
-  if (v.tile) {  // the block's warps are one group: they must split a tile's iterations evenly
+  if (v.form == kNf4Tile) {  // the block's warps are one group: they must split a tile's iterations evenly
     if ((p.cols / 128) % v.warps != 0 || n_tiles >= (int64_t(1) << 31)) return plan;
+  } else if (v.form == kNf4Ring) {  // persistent, whole tiles: one block per SM, at most one per tile
+    blocks = imin64(sms, n_tiles);
   } else {
     // The group must divide the iterations of a tile; a smaller one is used when it does not.
     while (v.group > 1 && (p.cols / 128) % v.group != 0) v.group /= 2;
@@ -557,10 +913,13 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.warps = v.warps;
   plan.group = v.group;
   plan.pf = v.pf;
-  plan.tile = v.tile;
+  plan.form = v.form;
+  plan.stages = v.stages;
+  plan.it = v.it;
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
-  plan.x_smem = !v.tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
-  plan.partial_floats = v.tile ? 0 : blocks * (v.warps / v.group) * 2 * 128;  // tiles are never shared
+  plan.x_smem = v.form != kNf4Tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
+  // Only stream-K shares tiles between blocks.
+  plan.partial_floats = v.form == kNf4StreamK ? blocks * (v.warps / v.group) * 2 * 128 : 0;
   return plan;
 }
 

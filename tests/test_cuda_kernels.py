@@ -8,6 +8,7 @@ qtensor are imported, so this runs wherever torch runs.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -266,14 +267,15 @@ def test_nf4_gemv_kernel(ext, xdtype):
 NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 1024), (4096, 4096), (100, 1536)]
 
 
-@pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2", "tile4", "tile8"])
+@pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2", "tile4", "tile8",
+                                     "ring8s8", "ring16s6"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkeypatch):
-    """Forced on, the stream-K kernel (and its one-block-per-tile form) runs on every whole-iteration shape, for
-    every absmax form and tuning variant, computes its documented function, and is deterministic (split tiles
-    are summed in group order)."""
+    """Forced on, the stream-K kernel (and its one-block-per-tile and ring forms) runs on every whole-iteration
+    shape, for every absmax form and tuning variant, computes its documented function, and is deterministic
+    (split tiles are summed in group order)."""
     monkeypatch.setenv("LOWBITPACK_NF4_SK", variant)
     for i, (rows, cols) in enumerate(NF4_SK_SHAPES):
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, blocksize, seed=70 + i)
@@ -290,7 +292,12 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
                 args = (d[0], d[1], am.to(DEV), None, None, None, 0.0, blocksize, 256, rows, cols)
             y = ext.nf4_gemv(x.to(DEV), *args)
             expect = "stream-k"
-            if variant.startswith("tile"):  # one block per tile: its warps must split the tile's iterations
+            if variant.startswith("ring"):  # tensor copies and mbarrier transaction counts: sm_90+; the copy's
+                # box (16 rows x 64 bytes a warp iteration + 32) must fit in the weight
+                warps, _, it = re.fullmatch(r"ring(\d+)s(\d+)(?:i(\d+))?", variant).groups(default="1")
+                fits = rows >= 16 and cols // 2 >= 64 * int(warps) * int(it) + 32
+                expect = "pair-ring" if torch.cuda.get_device_capability()[0] >= 9 and fits else "generic"
+            elif variant.startswith("tile"):  # one block per tile: its warps must split the tile's iterations
                 expect = "pair-tile" if (cols // 128) % int(variant[4:]) == 0 else "generic"
             assert ext.last_nf4_gemv() == expect, (rows, cols)
             if expect == "generic":
