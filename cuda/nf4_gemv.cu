@@ -222,10 +222,13 @@ struct SkWarp {
       acc[1] += __uint_as_float((r.c[0][0].y ^ r.c[0][1].x ^ r.c[1][0].y ^ r.c[1][1].x) & 0x3FFFFFu) + absmax(1, 1);
       return;
     }
+    // x of both sub-blocks first, then the two sub-blocks' mma chains interleaved (A0 B0 A1 B1 ...): each
+    // chain accumulates into its own fragment, so consecutive mmas are independent. The sums are the same
+    // as one sub-block after the other.
     const bool active = g < m;
+    uint32_t xw[2][8];
 #pragma unroll
     for (int sub = 0; sub < 2; ++sub) {
-      uint32_t xw[8];
       if (active) {
         uint4 v0, v1;
         if constexpr (kXShared) {
@@ -239,25 +242,32 @@ struct SkWarp {
           v0 = xp[0];  // read-only during the kernel (global) or after the barrier (shared)
           v1 = xp[1];
         }
-        xw[0] = v0.x; xw[1] = v0.y; xw[2] = v0.z; xw[3] = v0.w;
-        xw[4] = v1.x; xw[5] = v1.y; xw[6] = v1.z; xw[7] = v1.w;
+        xw[sub][0] = v0.x; xw[sub][1] = v0.y; xw[sub][2] = v0.z; xw[sub][3] = v0.w;
+        xw[sub][4] = v1.x; xw[sub][5] = v1.y; xw[sub][6] = v1.z; xw[sub][7] = v1.w;
       } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) xw[i] = 0u;
+        for (int i = 0; i < 8; ++i) xw[sub][i] = 0u;
       }
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
+    }
+    float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub) {
         const uint32_t w0 = (j < 2) ? r.c[0][sub].x : r.c[0][sub].y;
         const uint32_t w1 = (j < 2) ? r.c[1][sub].x : r.c[1][sub].y;
         const int b = 2 * (j & 1);
-        mma16816<XT>(d, pair(w0, b), pair(w1, b), pair(w0, b + 1), pair(w1, b + 1), xw[2 * j], xw[2 * j + 1]);
+        mma16816<XT>(d[sub], pair(w0, b), pair(w1, b), pair(w0, b + 1), pair(w1, b + 1), xw[sub][2 * j],
+                     xw[sub][2 * j + 1]);
       }
+    }
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {
       const float am0 = absmax(0, sub), am1 = absmax(1, sub);
-      acc[0] = fmaf(am0, d[0], acc[0]);
-      acc[1] = fmaf(am0, d[1], acc[1]);
-      acc[2] = fmaf(am1, d[2], acc[2]);
-      acc[3] = fmaf(am1, d[3], acc[3]);
+      acc[0] = fmaf(am0, d[sub][0], acc[0]);
+      acc[1] = fmaf(am0, d[sub][1], acc[1]);
+      acc[2] = fmaf(am1, d[sub][2], acc[2]);
+      acc[3] = fmaf(am1, d[sub][3], acc[3]);
     }
   }
 
