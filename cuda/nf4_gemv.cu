@@ -850,14 +850,18 @@ cudaError_t run_sk_dtype(const Nf4Params& p, const Nf4GemvPlan& plan, const void
 
 Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void* x) {
   Nf4GemvPlan plan{};
-  // Which kernel runs, from the H100 measurements (docs/KERNELS.md, iteration 4), unless LOWBITPACK_NF4_SK
-  // says (off: never; on: stream-K wherever it applies; tile<N> or w<W>g<G>pf<P>: that variant):
-  // - one block per tile (tile8) when all tiles fit in about one wave (<= 2 per SM) of a weight of >= 2^24
-  //   elements: 4096x14336 at 1 token 21.1 against 24.3 us (generic), 4096x4096 9.0 against 9.8;
-  // - stream-K for m >= 4 on >= 2^25 elements (m = 8, 14336x4096: 26.3 against 33.6 us) and for any m on
-  //   >= 2^28 (m = 1, 32768x16384: 146 against 190 us);
-  // - otherwise the generic core (at m = 1, 14336x4096 both factored kernels only tie it, and smaller
-  //   weights were not measured).
+  // Which kernel runs, from the H100 measurements (docs/KERNELS.md, iterations 4 and 5), unless
+  // LOWBITPACK_NF4_SK says (off: never; on: stream-K wherever it applies; tile<N>, w<W>g<G>pf<P> or
+  // ring<W>s<S>: that variant). For weights of >= 2^24 elements:
+  // - on sm_90 with many tiles (> 2 per SM), the ring form: ring8s8 up to 8192 columns (14336x4096, 1 token:
+  //   18.7 against 25.8 us for the generic core; 8 tokens 22.3 against 26.9 for stream-K), ring16s6 above
+  //   (32768x16384: 125 against 137 us at 1 token, 155 against 165 at 8);
+  // - with few tiles (<= 2 per SM): on sm_90, ring16s6 for fewer than 4 tokens on >= 2^25 elements
+  //   (4096x14336: 17.9 against 20.6 us for tile8); otherwise one block per tile (tile8: 4096x4096 9.0
+  //   against 9.8 us for the generic core);
+  // - without the ring form (before sm_90): stream-K for m >= 4 on >= 2^25 elements and for any m on
+  //   >= 2^28, else the generic core.
+  // Smaller weights keep the generic core (not measured).
   const char* env = std::getenv("LOWBITPACK_NF4_SK");
   const std::string mode = env ? env : "";
   if (mode == "off") return plan;
@@ -889,20 +893,35 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
     return plan;
   }
   const int sms = sms_of[dev];
+  // The ring form needs sm_90 (mbarrier transaction counts, tensor copies) and the driver's tensor-map
+  // encoder; its tensor map's rows and coordinates are 32-bit, and the box (16 rows x the stage's chunk and
+  // its pad) must fit in the tensor.
+  const auto ring_fits = [&](const SkVariant& r) {
+    return major_of[dev] >= 9 && tensor_map_encoder() != nullptr && p.rows < (int64_t(1) << 31) && p.rows >= 16 &&
+           p.cols / 2 >= 64 * r.warps * r.it + kRingRowPad && smem_of[dev] >= sk_variant_smem_max(r);
+  };
+  const SkVariant ring8{8, 8, kRingPF, kNf4Ring, 8}, ring16{16, 16, kRingPF, kNf4Ring, 6};
+  const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = parse_variant(mode);
   if (mode.empty()) {
-    if (numel >= (int64_t(1) << 24) && n_tiles <= 2 * sms && (p.cols / 128) % 8 == 0)
-      v = SkVariant{8, 8, 2, kNf4Tile};
+    const bool big = numel >= (int64_t(1) << 24), few = n_tiles <= 2 * sms;
+    const bool tile8_ok = (p.cols / 128) % 8 == 0;
+    if (big && few && m < 4 && numel >= (int64_t(1) << 25) && ring_fits(ring16))
+      v = ring16;
+    else if (big && few && tile8_ok)
+      v = tile8;
+    else if (big && !few && p.cols <= 8192 && ring_fits(ring8))
+      v = ring8;
+    else if (big && !few && ring_fits(ring16))
+      v = ring16;
+    else if (big && !few && ring_fits(ring8))
+      v = ring8;
     else if (!((m >= 4 && numel >= (int64_t(1) << 25)) || numel >= (int64_t(1) << 28)))
       return plan;
   }
   if (!variant_exists(v) || v.group < 1 || v.warps % v.group != 0) v = kSkDefault;
   if (smem_of[dev] < sk_variant_smem_max(v)) return plan;
-  // mbarrier transaction counts and tensor copies: sm_90; the tensor map's rows and the coordinates are 32-bit.
-  // The box (16 rows x the chunk and its pad) must fit in the tensor.
-  if (v.form == kNf4Ring && (major_of[dev] < 9 || tensor_map_encoder() == nullptr || p.rows >= (int64_t(1) << 31) ||
-                             p.rows < 16 || p.cols / 2 < 64 * v.warps * v.it + kRingRowPad))
-    return plan;
+  if (v.form == kNf4Ring && !ring_fits(v)) return plan;
   int64_t blocks = n_tiles;
   if (v.form == kNf4Tile) {  // the block's warps are one group: they must split a tile's iterations evenly
     if ((p.cols / 128) % v.warps != 0 || n_tiles >= (int64_t(1) << 31)) return plan;

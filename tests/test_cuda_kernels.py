@@ -308,15 +308,19 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
 
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
-    """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan): one block per tile when the tiles of a >= 2^24
-    weight fit in two per SM, stream-K for m >= 4 on >= 2^25 elements and any m on >= 2^28, else the generic
-    core; shapes the factored kernels do not cover (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take
-    the generic kernel."""
+    """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan) for weights of >= 2^24 elements: on sm_90 the ring
+    form when there are more than 2 tiles per SM (ring8s8 up to 8192 columns, ring16s6 above) and for fewer
+    than 4 tokens on >= 2^25 elements with few tiles; one block per tile otherwise when the tiles fit in two per
+    SM; before sm_90 stream-K for m >= 4 on >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes
+    the factored kernels do not cover (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take the generic
+    kernel."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ring = torch.cuda.get_device_capability()[0] >= 9
     cases = [(40, 1000, 64, "on", 2, "generic"), (40, 4096, 32, "on", 2, "generic"), (300, 4096, 64, "off", 2, "generic"),
-             (300, 4096, 64, "", 2, "generic"), (8192, 4096, 64, "", 4, "stream-k"),
-             (16384, 16384, 64, "", 1, "stream-k"), (16 * sms, 8192, 64, "", 1, "pair-tile"),
-             (16 * (2 * sms + 1), 8192, 64, "", 3, "generic")]
+             (300, 4096, 64, "", 2, "generic"), (8192, 4096, 64, "", 4, "pair-ring" if ring else "stream-k"),
+             (16384, 16384, 64, "", 1, "pair-ring" if ring else "stream-k"), (16 * sms, 8192, 64, "", 1, "pair-tile"),
+             (16 * sms, 16384, 64, "", 1, "pair-ring" if ring else "pair-tile"), (16 * sms, 16384, 64, "", 4, "pair-tile"),
+             (16 * (2 * sms + 1), 8192, 64, "", 3, "pair-ring" if ring else "generic")]
     for rows, cols, bs, env, m, path in cases:
         monkeypatch.setenv("LOWBITPACK_NF4_SK", env)
         packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, bs, seed=5)
