@@ -1,5 +1,7 @@
-// NF4 fused GEMV, stream-K path: y[m, rows] = x[m, cols] @ W^T for 1 <= m <= 8 and whole 128-column
-// iterations (cols % 128 == 0, power-of-two blocksize >= 64). Other shapes use the generic core (nf4.cu).
+// NF4 fused GEMV, pair-table kernels: y[m, rows] = x[m, cols] @ W^T for 1 <= m <= 8 and whole 128-column
+// iterations (cols % 128 == 0, power-of-two blocksize >= 64), in three forms: persistent stream-K, one block
+// per tile, and (sm_90) the ring form further down, the default there. Other shapes use the generic core
+// (nf4.cu).
 //
 // Why a second NF4 GEMV: the generic core rebuilds every weight exactly as dequantize() does (table lookup,
 // fp32 multiply by absmax, round), ~4 instructions a weight, and at 14336x4096 it is issue- and
@@ -489,6 +491,14 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 #endif
 }
+// Bulk copy global -> shared; `bytes` (a multiple of 16, both addresses 16-byte aligned) complete on `bar`.
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#ifdef LOWBIT_RING_ARCH
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+#endif
+}
 // Tensor copy global -> shared of the box at element coordinates {x0, y0} of the 2D tensor map; its bytes
 // complete on `bar`.
 __device__ __forceinline__ void tensor_copy_g2s(uint32_t dst, const CUtensorMap* map, int x0, int y0, uint32_t bar) {
@@ -517,7 +527,8 @@ __host__ __device__ constexpr int ring_smem(int warps, int stages, int it) {
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6): 0 = the kernel; 1 = no decode (the
 // pipeline alone: copies, waits, code reads); 2 = no copies and no waits (the consumers' decode and mma alone).
-template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kIt, int kPF, bool kXSmem, int kMode = 0>
+template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kIt, int kPF, bool kXSmem, int kMode = 0,
+          bool kRowCopies = false>
 __global__ void __launch_bounds__((kWarps + 1) * 32, 1)
     nf4_gemv_ring_kernel(const SkArgs<kNested, kBs64> a, const __grid_constant__ CUtensorMap codes_map,
                          const float* __restrict__ quant_map,
@@ -553,7 +564,33 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, 1)
     // Producer, one lane: a stage is one tensor copy of the chunk's bytes (plus the pad) of the tile's 16 rows
     // (rows past the end come back as zeros and are never stored). One instruction a stage: per-row bulk
     // copies cost ~40-70 ns of producer issue each (measured), which bounded the whole kernel.
-    if (lane != 0 || kMode == 2) return;
+    if (kMode == 2) return;
+    if constexpr (kRowCopies) {
+      // Variant (ring<W>s<S>r): one 1D bulk copy per row, lane r issuing row r's (the compiler serializes the
+      // lanes), no pad bytes read.
+      const uint8_t* src = a.packed + static_cast<int64_t>(tile0) * 16 * row_bytes;
+      int tile = tile0, chunk = 0;
+      for (int s = 0; s < n_stages; ++s) {
+        const int slot = s % kStages;
+        if (s >= kStages) mbar_wait(empty0 + 8 * slot, ((s / kStages) - 1) & 1);
+        const int rows = static_cast<int>(imin64(16, a.rows - static_cast<int64_t>(tile) * 16));
+        const int bytes = static_cast<int>(imin64(kRowBytes, row_bytes - static_cast<int64_t>(chunk) * kRowBytes));
+        const uint32_t bar = full0 + 8 * slot;
+        if (lane == 0) mbar_arrive_expect_tx(bar, rows * bytes);
+        __syncwarp();
+        if (lane < rows)
+          bulk_copy_g2s(ring0 + slot * kStageBytes + lane * kRowStride,
+                        src + static_cast<int64_t>(lane) * row_bytes + static_cast<int64_t>(chunk) * kRowBytes, bytes,
+                        bar);
+        if (++chunk == a.n_steps) {
+          chunk = 0;
+          ++tile;
+          src += 16 * row_bytes;
+        }
+      }
+      return;
+    }
+    if (lane != 0) return;
     if ((ring0 & 127u) != 0u) __trap();  // the dynamic shared memory starts 1 KB-aligned on sm_90
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&codes_map)) : "memory");
     int tile = tile0, chunk = 0;
@@ -684,6 +721,7 @@ struct SkVariant {
   int form;        // Nf4GemvForm
   int stages = 0;  // ring form: shared-memory stages
   int it = 1;      // ring form: 128-column iterations of each consumer warp per stage
+  bool row_copies = false;  // ring form: one bulk copy per row instead of one tensor copy per stage
 };
 constexpr SkVariant kSkDefault{16, 4, 2, kNf4StreamK};
 
@@ -692,11 +730,11 @@ inline SkVariant parse_variant(const std::string& mode) {
   SkVariant v = kSkDefault;
   int w = 0, st = 0;
   if (std::sscanf(mode.c_str(), "tile%d", &w) == 1) return SkVariant{w, w, 2, kNf4Tile};
-  if (std::sscanf(mode.c_str(), "ring%ds%d", &w, &st) == 2) {  // ring<warps>s<stages>[i<iterations>]
+  if (std::sscanf(mode.c_str(), "ring%ds%d", &w, &st) == 2) {  // ring<warps>s<stages>[i<iterations>][r]
     int it = 1;
     const size_t i = mode.rfind('i');
     if (i != std::string::npos && std::sscanf(mode.c_str() + i, "i%d", &it) != 1) it = 1;
-    return SkVariant{w, w, kRingPF, kNf4Ring, st, it};
+    return SkVariant{w, w, kRingPF, kNf4Ring, st, it, mode.back() == 'r'};
   }
   if (std::sscanf(mode.c_str(), "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
   return v;
@@ -750,6 +788,8 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
     if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && v.it == 1)
       return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 2>;
   }
+  if (v.warps == 16 && v.stages == 6 && v.it == 1 && v.row_copies)
+    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 0, true>;
   if (v.warps == 16 && v.stages == 6 && v.it == 1) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem>;
   if (v.warps == 8 && v.stages == 8 && v.it == 1) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 8, 1, kRingPF, kXSmem>;
   return nullptr;
@@ -815,14 +855,14 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.partials = partials;
   a.counters = counters;
   a.x_smem = plan.x_smem;
-  const SkVariant v{plan.warps, plan.group, plan.pf, plan.form, plan.stages, plan.it};
+  const SkVariant v{plan.warps, plan.group, plan.pf, plan.form, plan.stages, plan.it, plan.row_copies};
   const int smem = sk_variant_smem(v) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
   cudaError_t e;
   if (plan.form == kNf4Ring) {  // plus its producer warp and the codes' tensor map
     const auto kern = ring_kernel_for<XT, kNested, kBs64>(v, plan.x_smem);
     if (kern == nullptr) return cudaErrorInvalidValue;
-    alignas(64) CUtensorMap map;
-    if ((e = encode_codes_map(p, plan, &map)) != cudaSuccess) return e;
+    alignas(64) CUtensorMap map{};  // unused by the row-copy variant
+    if (!plan.row_copies && (e = encode_codes_map(p, plan, &map)) != cudaSuccess) return e;
     if ((e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem_max(v))) != cudaSuccess) return e;
     kern<<<plan.blocks, (plan.warps + 1) * 32, smem, stream>>>(a, map, p.quant_map, p.nested_map,
                                                               static_cast<const XT*>(x), m, static_cast<XT*>(y));
@@ -852,15 +892,12 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   Nf4GemvPlan plan{};
   // Which kernel runs, from the H100 measurements (docs/KERNELS.md, iterations 4 and 5), unless
   // LOWBITPACK_NF4_SK says (off: never; on: stream-K wherever it applies; tile<N>, w<W>g<G>pf<P> or
-  // ring<W>s<S>: that variant). For weights of >= 2^24 elements:
-  // - on sm_90 with many tiles (> 2 per SM), the ring form: ring8s8 up to 8192 columns (14336x4096, 1 token:
-  //   18.7 against 25.8 us for the generic core; 8 tokens 22.3 against 26.9 for stream-K), ring16s6 above
-  //   (32768x16384: 125 against 137 us at 1 token, 155 against 165 at 8);
-  // - with few tiles (<= 2 per SM): on sm_90, ring16s6 for fewer than 4 tokens on >= 2^25 elements
-  //   (4096x14336: 17.9 against 20.6 us for tile8); otherwise one block per tile (tile8: 4096x4096 9.0
-  //   against 9.8 us for the generic core);
-  // - without the ring form (before sm_90): stream-K for m >= 4 on >= 2^25 elements and for any m on
-  //   >= 2^28, else the generic core.
+  // ring<W>s<S>[r]: that variant). For weights of >= 2^24 elements:
+  // - on sm_90, the ring form with per-row bulk copies (ring16s6r): 1 token 14336x4096 16.9 us against 25.8
+  //   for the generic core, 4096x14336 15.8 against 20.7 for tile8, 4096x4096 7.5 against 9.1 for tile8,
+  //   32768x16384 120 against 138 for stream-K; 8 tokens within 1% of tile8 or faster;
+  // - before sm_90: one block per tile (tile8) when the tiles fit in two per SM; stream-K for m >= 4 on
+  //   >= 2^25 elements and for any m on >= 2^28; else the generic core.
   // Smaller weights keep the generic core (not measured).
   const char* env = std::getenv("LOWBITPACK_NF4_SK");
   const std::string mode = env ? env : "";
@@ -897,25 +934,19 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   // encoder; its tensor map's rows and coordinates are 32-bit, and the box (16 rows x the stage's chunk and
   // its pad) must fit in the tensor.
   const auto ring_fits = [&](const SkVariant& r) {
-    return major_of[dev] >= 9 && tensor_map_encoder() != nullptr && p.rows < (int64_t(1) << 31) && p.rows >= 16 &&
+    return major_of[dev] >= 9 && (r.row_copies || tensor_map_encoder() != nullptr) && p.rows < (int64_t(1) << 31) &&
+           p.rows >= 16 &&
            p.cols / 2 >= 64 * r.warps * r.it + kRingRowPad && smem_of[dev] >= sk_variant_smem_max(r);
   };
-  const SkVariant ring8{8, 8, kRingPF, kNf4Ring, 8}, ring16{16, 16, kRingPF, kNf4Ring, 6};
+  const SkVariant ring16{16, 16, kRingPF, kNf4Ring, 6, 1, true};
   const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = parse_variant(mode);
   if (mode.empty()) {
     const bool big = numel >= (int64_t(1) << 24), few = n_tiles <= 2 * sms;
-    const bool tile8_ok = (p.cols / 128) % 8 == 0;
-    if (big && few && m < 4 && numel >= (int64_t(1) << 25) && ring_fits(ring16))
+    if (big && ring_fits(ring16))
       v = ring16;
-    else if (big && few && tile8_ok)
+    else if (big && few && (p.cols / 128) % 8 == 0)
       v = tile8;
-    else if (big && !few && p.cols <= 8192 && ring_fits(ring8))
-      v = ring8;
-    else if (big && !few && ring_fits(ring16))
-      v = ring16;
-    else if (big && !few && ring_fits(ring8))
-      v = ring8;
     else if (!((m >= 4 && numel >= (int64_t(1) << 25)) || numel >= (int64_t(1) << 28)))
       return plan;
   }
@@ -945,6 +976,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.form = v.form;
   plan.stages = v.stages;
   plan.it = v.it;
+  plan.row_copies = v.row_copies;
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
   plan.x_smem = v.form != kNf4Tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
   // Only stream-K shares tiles between blocks.

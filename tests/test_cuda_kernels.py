@@ -268,7 +268,7 @@ NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 102
 
 
 @pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2", "tile4", "tile8",
-                                     "ring8s8", "ring16s6"])
+                                     "ring8s8", "ring16s6", "ring16s6r"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -294,7 +294,7 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             expect = "stream-k"
             if variant.startswith("ring"):  # tensor copies and mbarrier transaction counts: sm_90+; the copy's
                 # box (16 rows x 64 bytes a warp iteration + 32) must fit in the weight
-                warps, _, it = re.fullmatch(r"ring(\d+)s(\d+)(?:i(\d+))?", variant).groups(default="1")
+                warps, _, it = re.fullmatch(r"ring(\d+)s(\d+)(?:i(\d+))?r?", variant).groups(default="1")
                 fits = rows >= 16 and cols // 2 >= 64 * int(warps) * int(it) + 32
                 expect = "pair-ring" if torch.cuda.get_device_capability()[0] >= 9 and fits else "generic"
             elif variant.startswith("tile"):  # one block per tile: its warps must split the tile's iterations
@@ -309,17 +309,16 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
     """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan) for weights of >= 2^24 elements: on sm_90 the ring
-    form when there are more than 2 tiles per SM (ring8s8 up to 8192 columns, ring16s6 above) and for fewer
-    than 4 tokens on >= 2^25 elements with few tiles; one block per tile otherwise when the tiles fit in two per
-    SM; before sm_90 stream-K for m >= 4 on >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes
-    the factored kernels do not cover (cols % 128, blocksize 32) and LOWBITPACK_NF4_SK=off take the generic
-    kernel."""
+    form (ring16s6r); before sm_90 one block per tile when the tiles fit in two per SM, stream-K for m >= 4 on
+    >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes the factored kernels do not cover
+    (cols % 128, blocksize 32), smaller weights and LOWBITPACK_NF4_SK=off take the generic kernel."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ring = torch.cuda.get_device_capability()[0] >= 9
     cases = [(40, 1000, 64, "on", 2, "generic"), (40, 4096, 32, "on", 2, "generic"), (300, 4096, 64, "off", 2, "generic"),
              (300, 4096, 64, "", 2, "generic"), (8192, 4096, 64, "", 4, "pair-ring" if ring else "stream-k"),
-             (16384, 16384, 64, "", 1, "pair-ring" if ring else "stream-k"), (16 * sms, 8192, 64, "", 1, "pair-tile"),
-             (16 * sms, 16384, 64, "", 1, "pair-ring" if ring else "pair-tile"), (16 * sms, 16384, 64, "", 4, "pair-tile"),
+             (16384, 16384, 64, "", 1, "pair-ring" if ring else "stream-k"),
+             (16 * sms, 8192, 64, "", 1, "pair-ring" if ring else "pair-tile"),
+             (16 * sms, 16384, 64, "", 4, "pair-ring" if ring else "pair-tile"),
              (16 * (2 * sms + 1), 8192, 64, "", 3, "pair-ring" if ring else "generic")]
     for rows, cols, bs, env, m, path in cases:
         monkeypatch.setenv("LOWBITPACK_NF4_SK", env)
