@@ -528,8 +528,8 @@ __host__ __device__ constexpr int ring_smem(int warps, int stages, int it) {
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6): 0 = the kernel; 1 = no decode (the
 // pipeline alone: copies, waits, code reads); 2 = no copies and no waits (the consumers' decode and mma alone).
 template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kIt, int kPF, bool kXSmem, int kMode = 0,
-          bool kRowCopies = false>
-__global__ void __launch_bounds__((kWarps + 1) * 32, 1)
+          bool kRowCopies = false, int kPerSM = 1>
+__global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
     nf4_gemv_ring_kernel(const SkArgs<kNested, kBs64> a, const __grid_constant__ CUtensorMap codes_map,
                          const float* __restrict__ quant_map,
                          const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
@@ -722,6 +722,7 @@ struct SkVariant {
   int stages = 0;  // ring form: shared-memory stages
   int it = 1;      // ring form: 128-column iterations of each consumer warp per stage
   bool row_copies = false;  // ring form: one bulk copy per row instead of one tensor copy per stage
+  int per_sm = 1;           // ring form: blocks per SM
 };
 constexpr SkVariant kSkDefault{16, 4, 2, kNf4StreamK};
 
@@ -734,7 +735,8 @@ inline SkVariant parse_variant(const std::string& mode) {
     int it = 1;
     const size_t i = mode.rfind('i');
     if (i != std::string::npos && std::sscanf(mode.c_str() + i, "i%d", &it) != 1) it = 1;
-    return SkVariant{w, w, kRingPF, kNf4Ring, st, it, mode.back() == 'r'};
+    const bool two = mode.size() > 2 && mode.compare(mode.size() - 2, 2, "r2") == 0;  // ...r2: 2 blocks per SM
+    return SkVariant{w, w, kRingPF, kNf4Ring, st, it, two || mode.back() == 'r', two ? 2 : 1};
   }
   if (std::sscanf(mode.c_str(), "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
   return v;
@@ -748,7 +750,11 @@ inline int sk_variant_smem(const SkVariant& v) {
   return (v.form == kNf4Tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
 }
 // The most a launch of the variant may ask for (stream-K and ring stage x when it fits in kSkXSmemMax).
+// A ring block of a 2-per-SM variant gets at most this much (half of sm_90's 228 KB, less the 1 KB reserved per
+// block); x is staged only when it fits in it.
+constexpr int kRing2Max = 113 * 1024;
 inline int sk_variant_smem_max(const SkVariant& v) {
+  if (v.form == kNf4Ring && v.per_sm == 2) return kRing2Max;
   return sk_variant_smem(v) + (v.form == kNf4Tile ? 0 : kSkXSmemMax);
 }
 
@@ -788,6 +794,8 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
     if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && v.it == 1)
       return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 2>;
   }
+  if (v.warps == 8 && v.stages == 6 && v.it == 1 && v.row_copies && v.per_sm == 2)
+    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, 1, kRingPF, kXSmem, 0, true, 2>;
   if (v.warps == 16 && v.stages == 6 && v.it == 1 && v.row_copies)
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 0, true>;
   if (v.warps == 16 && v.stages == 6 && v.it == 1) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem>;
@@ -855,7 +863,7 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.partials = partials;
   a.counters = counters;
   a.x_smem = plan.x_smem;
-  const SkVariant v{plan.warps, plan.group, plan.pf, plan.form, plan.stages, plan.it, plan.row_copies};
+  const SkVariant v{plan.warps, plan.group, plan.pf, plan.form, plan.stages, plan.it, plan.row_copies, plan.per_sm};
   const int smem = sk_variant_smem(v) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
   cudaError_t e;
   if (plan.form == kNf4Ring) {  // plus its producer warp and the codes' tensor map
@@ -894,8 +902,9 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   // LOWBITPACK_NF4_SK says (off: never; on: stream-K wherever it applies; tile<N>, w<W>g<G>pf<P> or
   // ring<W>s<S>[r]: that variant). For weights of >= 2^24 elements:
   // - on sm_90, the ring form with per-row bulk copies (ring16s6r): 1 token 14336x4096 16.9 us against 25.8
-  //   for the generic core, 4096x14336 15.8 against 20.7 for tile8, 4096x4096 7.5 against 9.1 for tile8,
-  //   32768x16384 120 against 138 for stream-K; 8 tokens within 1% of tile8 or faster;
+  //   for the generic core, 4096x14336 15.8 against 20.7 for tile8, 32768x16384 120 against 138 for
+  //   stream-K; 8 tokens within 1% of tile8 or faster. Below 2^25 elements, two blocks of 8 consumer warps
+  //   per SM (ring8s6r2): 4096x4096 6.8 against 7.5 us (ring16s6r) at 1 token, 8.5 against 9.3 at 8;
   // - before sm_90: one block per tile (tile8) when the tiles fit in two per SM; stream-K for m >= 4 on
   //   >= 2^25 elements and for any m on >= 2^28; else the generic core.
   // Smaller weights keep the generic core (not measured).
@@ -938,12 +947,14 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
            p.rows >= 16 &&
            p.cols / 2 >= 64 * r.warps * r.it + kRingRowPad && smem_of[dev] >= sk_variant_smem_max(r);
   };
-  const SkVariant ring16{16, 16, kRingPF, kNf4Ring, 6, 1, true};
+  const SkVariant ring16{16, 16, kRingPF, kNf4Ring, 6, 1, true}, ring8x2{8, 8, kRingPF, kNf4Ring, 6, 1, true, 2};
   const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = parse_variant(mode);
   if (mode.empty()) {
     const bool big = numel >= (int64_t(1) << 24), few = n_tiles <= 2 * sms;
-    if (big && ring_fits(ring16))
+    if (big && numel < (int64_t(1) << 25) && ring_fits(ring8x2))
+      v = ring8x2;
+    else if (big && ring_fits(ring16))
       v = ring16;
     else if (big && few && (p.cols / 128) % 8 == 0)
       v = tile8;
@@ -957,7 +968,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   if (v.form == kNf4Tile) {  // the block's warps are one group: they must split a tile's iterations evenly
     if ((p.cols / 128) % v.warps != 0 || n_tiles >= (int64_t(1) << 31)) return plan;
   } else if (v.form == kNf4Ring) {  // persistent, whole tiles: one block per SM, at most one per tile
-    blocks = imin64(sms, n_tiles);
+    blocks = imin64(static_cast<int64_t>(v.per_sm) * sms, n_tiles);
   } else {
     // The group must divide the iterations of a tile; a smaller one is used when it does not.
     while (v.group > 1 && (p.cols / 128) % v.group != 0) v.group /= 2;
@@ -977,8 +988,10 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.stages = v.stages;
   plan.it = v.it;
   plan.row_copies = v.row_copies;
+  plan.per_sm = v.per_sm;
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
-  plan.x_smem = v.form != kNf4Tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0');
+  plan.x_smem = v.form != kNf4Tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0') &&
+                sk_variant_smem(v) + m * p.cols * 2 <= sk_variant_smem_max(v);
   // Only stream-K shares tiles between blocks.
   plan.partial_floats = v.form == kNf4StreamK ? blocks * (v.warps / v.group) * 2 * 128 : 0;
   return plan;

@@ -268,7 +268,7 @@ NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 102
 
 
 @pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2", "tile4", "tile8",
-                                     "ring8s8", "ring16s6", "ring16s6r"])
+                                     "ring8s8", "ring16s6", "ring16s6r", "ring8s6r2"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -294,7 +294,7 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             expect = "stream-k"
             if variant.startswith("ring"):  # tensor copies and mbarrier transaction counts: sm_90+; the copy's
                 # box (16 rows x 64 bytes a warp iteration + 32) must fit in the weight
-                warps, _, it = re.fullmatch(r"ring(\d+)s(\d+)(?:i(\d+))?r?", variant).groups(default="1")
+                warps, _, it = re.fullmatch(r"ring(\d+)s(\d+)(?:i(\d+))?r?2?", variant).groups(default="1")
                 fits = rows >= 16 and cols // 2 >= 64 * int(warps) * int(it) + 32
                 expect = "pair-ring" if torch.cuda.get_device_capability()[0] >= 9 and fits else "generic"
             elif variant.startswith("tile"):  # one block per tile: its warps must split the tile's iterations
@@ -309,7 +309,7 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
     """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan) for weights of >= 2^24 elements: on sm_90 the ring
-    form (ring16s6r); before sm_90 one block per tile when the tiles fit in two per SM, stream-K for m >= 4 on
+    form (ring8s6r2 below 2^25 elements, ring16s6r above); before sm_90 one block per tile when the tiles fit in two per SM, stream-K for m >= 4 on
     >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes the factored kernels do not cover
     (cols % 128, blocksize 32), smaller weights and LOWBITPACK_NF4_SK=off take the generic kernel."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
