@@ -443,18 +443,18 @@ __global__ void __launch_bounds__(kWarps * 32, kTile ? 512 / (kWarps * 32) : 1)
 //
 // The other forms keep a tile's codes in flight in registers: 2 iterations a warp at ~124 registers, which
 // left their loads-only skeleton 1.6x its read ceiling at 14336x4096 (docs/KERNELS.md, iteration 4). Here one
-// producer warp per block issues one tensor copy of 16 rows x (64 * kWarps * kIt + 32) bytes per stage into a
-// ring of kStages shared-memory stages, completing on mbarriers; data in flight needs no registers, so a
-// block keeps kStages * ~9-17 KB of loads in flight. The kWarps consumer warps take kIt 128-column iterations
+// producer warp per block copies stages of 16 rows x 64 * kWarps * kIt bytes (one bulk copy per row by
+// default, or one tensor copy per stage) into a ring of kStages shared-memory stages, completing on
+// mbarriers; data in flight needs no registers, so a block keeps kStages * ~9-17 KB of loads in flight. The kWarps consumer warps take kIt 128-column iterations
 // of each stage each (the pair-table decode and mma of SkWarp::compute), fetch their absmax bits kPF stages
 // ahead, release the stage, and reduce a tile's sums across warps when its last stage is done.
 // The grid is persistent (one block per SM), each block taking a contiguous range of whole tiles (no shared
 // tiles, no fix-up, deterministic).
 
 // Bytes after each row's chunk in a stage: rows g and g + 1 then start 8 banks apart, so a warp's 8-byte
-// code reads (8 rows x 32 bytes) take 2 shared-memory wavefronts, the minimum for 256 bytes. The pad is
-// filled by the same tensor copy (its box is 32 bytes wider than the chunk: the next chunk's first bytes, an
-// L2 hit when that chunk is loaded, or zeros past the row's end), so a stage is one copy.
+// code reads (8 rows x 32 bytes) take 2 shared-memory wavefronts, the minimum for 256 bytes. Per-row copies
+// leave the pad alone; the tensor-copy variant fills it with the same copy (its box is 32 bytes wider than
+// the chunk: the next chunk's first bytes, or zeros past the row's end), so its stage is one copy.
 constexpr int kRingRowPad = 32;
 // Stages whose absmax bits each consumer warp fetches ahead (registers; the codes come through the ring).
 constexpr int kRingPF = 3;
@@ -561,13 +561,12 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   __syncthreads();
 
   if (warp == kWarps) {
-    // Producer, one lane: a stage is one tensor copy of the chunk's bytes (plus the pad) of the tile's 16 rows
-    // (rows past the end come back as zeros and are never stored). One instruction a stage: per-row bulk
-    // copies cost ~40-70 ns of producer issue each (measured), which bounded the whole kernel.
+    // Producer: a stage is the chunk's bytes of the tile's (up to) 16 rows.
     if (kMode == 2) return;
     if constexpr (kRowCopies) {
-      // Variant (ring<W>s<S>r): one 1D bulk copy per row, lane r issuing row r's (the compiler serializes the
-      // lanes), no pad bytes read.
+      // The default (ring<W>s<S>r): one 1D bulk copy per row, lane r issuing row r's. The compiler serializes
+      // the lanes, ~37 ns a copy (measured): fine at 16 copies per 16.9 KB stage, copy-bound at 8 KB stages
+      // of 8 warps unless two blocks share the SM.
       const uint8_t* src = a.packed + static_cast<int64_t>(tile0) * 16 * row_bytes;
       int tile = tile0, chunk = 0;
       for (int s = 0; s < n_stages; ++s) {
@@ -590,6 +589,9 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
       }
       return;
     }
+    // Variant (ring<W>s<S>): lane 0 issues one 2D tensor copy a stage, the box 32 bytes wider than the chunk
+    // (rows past the end come back as zeros and are never stored). One instruction a stage, yet ~14% slower
+    // than per-row copies at 14336x4096 (docs/KERNELS.md, iteration 5).
     if (lane != 0) return;
     if ((ring0 & 127u) != 0u) __trap();  // the dynamic shared memory starts 1 KB-aligned on sm_90
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&codes_map)) : "memory");
