@@ -791,9 +791,9 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   if (v.form != kNf4Ring) return nullptr;
   if constexpr (kNested && kBs64) {
     const char* mode = std::getenv("LOWBITPACK_NF4_SK_MODE");
-    if (mode && mode[0] == '1' && v.warps == 16 && v.stages == 6 && v.it == 1)
+    if (mode && mode[0] == '1' && v.warps == 16 && v.stages == 6 && v.it == 1 && !v.row_copies && v.per_sm == 1)
       return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 1>;
-    if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && v.it == 1)
+    if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && v.it == 1 && !v.row_copies && v.per_sm == 1)
       return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 2>;
   }
   if (v.warps == 8 && v.stages == 6 && v.it == 1 && v.row_copies && v.per_sm == 2)
