@@ -751,10 +751,10 @@ inline int sk_variant_smem(const SkVariant& v) {
   if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages, v.it);
   return (v.form == kNf4Tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
 }
-// The most a launch of the variant may ask for (stream-K and ring stage x when it fits in kSkXSmemMax).
 // A ring block of a 2-per-SM variant gets at most this much (half of sm_90's 228 KB, less the 1 KB reserved per
 // block); x is staged only when it fits in it.
 constexpr int kRing2Max = 113 * 1024;
+// The most a launch of the variant may ask for (stream-K and ring stage x when it fits in kSkXSmemMax).
 inline int sk_variant_smem_max(const SkVariant& v) {
   if (v.form == kNf4Ring && v.per_sm == 2) return kRing2Max;
   return sk_variant_smem(v) + (v.form == kNf4Tile ? 0 : kSkXSmemMax);

@@ -309,9 +309,10 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
     """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan) for weights of >= 2^24 elements: on sm_90 the ring
-    form (ring8s6r2 below 2^25 elements, ring16s6r above); before sm_90 one block per tile when the tiles fit in two per SM, stream-K for m >= 4 on
-    >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes the factored kernels do not cover
-    (cols % 128, blocksize 32), smaller weights and LOWBITPACK_NF4_SK=off take the generic kernel."""
+    form (ring8s6r2 below 2^25 elements, ring16s6r above); before sm_90 one block per tile when the tiles fit
+    in two per SM, stream-K for m >= 4 on >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes
+    the factored kernels do not cover (cols % 128, blocksize 32), smaller weights and LOWBITPACK_NF4_SK=off
+    take the generic kernel."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ring = torch.cuda.get_device_capability()[0] >= 9
     cases = [(40, 1000, 64, "on", 2, "generic"), (40, 4096, 32, "on", 2, "generic"), (300, 4096, 64, "off", 2, "generic"),
