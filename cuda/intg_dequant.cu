@@ -11,7 +11,7 @@ namespace {
 using namespace intg;
 
 // ---------------------------------------------------------------- dequantize
-// General path (g_idx, groups smaller than or not a multiple of 8, ragged or unaligned rows).
+// General path (g_idx, groups smaller than or not a multiple of 8, ragged rows, storage not 16-byte aligned).
 // One sub-chunk = 8 consecutive codes of one row = exactly B bytes. Each thread does 4 sub-chunks spaced
 // blockDim apart, so a warp's loads and 16-byte stores are contiguous.
 template <int B, bool OFFSET, typename OutT>
@@ -78,51 +78,59 @@ __global__ void __launch_bounds__(256) intg_dequant_kernel(const IntgParams p, O
   }
 }
 
-// Fast path: no g_idx, group_size % 8 == 0, cols % 8 == 0, 8-byte aligned codes and 16-byte aligned output
-// (every sub-chunk whole, one group, vector-aligned). Each thread handles kSub sub-chunks spaced blockDim
-// apart (a warp's loads and stores stay contiguous) in two phases: all global loads (codes, and the raw
-// bits of scale and zero/offset) first, then the arithmetic and the stores, so a thread has 3 * kSub
-// independent loads in flight instead of one sub-chunk's chain at a time (the compiler cannot move loads
-// above the previous sub-chunk's stores on its own).
-constexpr int kSub = 8;
+// Fast path: no g_idx, group_size % 8 == 0, cols % 8 == 0 (so the codes of all rows are one contiguous stream
+// and sub-chunk sc sits at byte B * sc), a 16-byte aligned qweight and output. A block of 256 threads owns
+// kSub * 256 consecutive sub-chunks, whose codes are one run of kSub * 256 * B bytes (a multiple of 16):
+//  1. it copies them into shared memory with 16-byte cp.async (one load instruction per 16 bytes, where
+//     direct loads took one per sub-chunk, and B byte loads for B = 3, 5, 6, 7),
+//  2. meanwhile each thread loads the raw bits of scale and zero/offset for its kSub sub-chunks (spaced 256
+//     apart, so a warp's loads and 16-byte stores stay contiguous),
+//  3. after the copy it reads its sub-chunks' B bytes from shared memory as aligned words and a funnel shift,
+//     computes and stores.
+// Against direct loads this took 14336 x 4096 from 57.0 / 63.2 / 59.8 us to 51.5 / 53.7 / 55.9 us for
+// 2 / 3 / 4 bits on an H100 (bench/dequant_exp.cu, docs/KERNELS.md).
+constexpr int kThreads = 256, kSub = 8;
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+
+// B (<= 8) bytes at `byte` of a shared buffer that has at least 8 readable bytes past it, as one integer.
 template <int B>
-__device__ __forceinline__ uint64_t load_codes8(const uint8_t* ptr) {
-  if constexpr (B == 8) return __ldg(reinterpret_cast<const unsigned long long*>(ptr));
-  else if constexpr (B == 4) return __ldg(reinterpret_cast<const unsigned int*>(ptr));
-  else if constexpr (B == 2) return __ldg(reinterpret_cast<const unsigned short*>(ptr));
-  else if constexpr (B == 1) return __ldg(ptr);
-  else {
-    uint64_t raw = 0;
-#pragma unroll
-    for (int i = 0; i < B; ++i) raw |= static_cast<uint64_t>(__ldg(ptr + i)) << (8 * i);
-    return raw;
-  }
+__device__ __forceinline__ uint64_t smem_codes8(const uint8_t* s, uint32_t byte) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(s) + (byte >> 2);
+  const uint32_t sh = (byte & 3) * 8;
+  const uint32_t lo = __funnelshift_r(w[0], w[1], sh);
+  if constexpr (B <= 4) return lo & static_cast<uint32_t>((uint64_t(1) << (8 * B)) - 1);
+  const uint32_t hi = __funnelshift_r(w[1], w[2], sh);
+  return (static_cast<uint64_t>(hi) << 32 | lo) & (~uint64_t(0) >> (64 - 8 * B));
 }
-
-// n / d for n < 2^32 and 2 <= d < 2^32 with one 64-bit high multiply instead of a ~20-instruction division:
-// magic = ceil(2^64 / d) (host: div_magic), and floor(n * magic / 2^64) = floor(n / d) because the rounding
-// adds less than n / 2^64 < 2^-32 < 1 / d. d = 1 passes magic 0 and divides by itself.
-__device__ __forceinline__ uint32_t div_by_magic(uint32_t n, uint64_t magic) {
-  return magic ? static_cast<uint32_t>(__umul64hi(static_cast<uint64_t>(n), magic)) : n;
-}
-inline uint64_t div_magic(uint32_t d) { return d < 2 ? 0 : (~uint64_t(0) / d) + 1; }
 
 template <int B, bool OFFSET, typename OutT>
-__global__ void __launch_bounds__(256) intg_dequant_fast_kernel(const IntgParams p, OutT* __restrict__ out,
-                                                                uint32_t chunks_per_row, uint64_t cpr_magic,
-                                                                uint32_t n_chunks, int g_shift) {
-  const uint32_t base = blockIdx.x * blockDim.x * kSub + threadIdx.x;
-  uint64_t raw[kSub];
+__global__ void __launch_bounds__(kThreads) intg_dequant_fast_kernel(const IntgParams p, OutT* __restrict__ out,
+                                                                     uint32_t chunks_per_row, uint64_t cpr_magic,
+                                                                     uint32_t n_chunks, int g_shift,
+                                                                     uint64_t total_bytes) {
+  constexpr int kBytes = kThreads * kSub * B;
+  __shared__ __align__(16) uint8_t codes[kBytes + 16];  // +16: the last thread's word reads stay inside
+  const uint32_t first = blockIdx.x * kThreads * kSub;
+  const uint64_t byte0 = static_cast<uint64_t>(first) * B;
+  for (int i = threadIdx.x; i < kBytes / 16; i += kThreads) {
+    const uint64_t g = byte0 + static_cast<uint64_t>(i) * 16;
+    if (g + 16 <= total_bytes) {
+      cp_async16(codes + i * 16, p.qweight + g);
+    } else {  // the last block's run passes the end of qweight
+      for (int k = 0; k < 16; ++k) codes[i * 16 + k] = g + k < total_bytes ? __ldg(p.qweight + g + k) : 0;
+    }
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
   uint32_t s_bits[kSub], z_bits[kSub];
 #pragma unroll
   for (int u = 0; u < kSub; ++u) {
-    const uint32_t sc = base + u * blockDim.x;
-    raw[u] = 0;
+    const uint32_t sc = first + u * kThreads + threadIdx.x;
     s_bits[u] = z_bits[u] = 0;
     if (sc < n_chunks) {
       const uint32_t row = div_by_magic(sc, cpr_magic), c = sc - row * chunks_per_row;
-      raw[u] = load_codes8<B>(p.qweight + static_cast<int64_t>(row) * p.row_bytes + c * B);
       const uint32_t col0 = c * 8;
       const uint32_t g = g_shift >= 0 ? (col0 >> g_shift) : col0 / static_cast<uint32_t>(p.group_size);
       const int64_t gi = static_cast<int64_t>(row) * p.n_groups + g;
@@ -131,29 +139,30 @@ __global__ void __launch_bounds__(256) intg_dequant_fast_kernel(const IntgParams
       else z_bits[u] = __ldg(p.zero + gi);
     }
   }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
 #pragma unroll
   for (int u = 0; u < kSub; ++u) {
-    const uint32_t sc = base + u * blockDim.x;
+    const uint32_t j = u * kThreads + threadIdx.x, sc = first + j;
     if (sc < n_chunks) {
+      const uint64_t raw = smem_codes8<B>(codes, j * B);
       const float s = bits_to_float(s_bits[u], p.scale_dtype);
       const float z = OFFSET ? bits_to_float(z_bits[u], p.offset_dtype) : kMagic + static_cast<float>(z_bits[u]);
       float v[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k)
-        v[k] = dequant_one<OFFSET>(static_cast<uint32_t>(raw[u] >> (k * B)) & ((1u << B) - 1u), s, z);
-      // row * cols + col0 == sc * 8 (cols = 8 * chunks_per_row)
-      store8<OutT>(out + static_cast<int64_t>(sc) * 8, v, true, 8);
+        v[k] = dequant_one<OFFSET>(static_cast<uint32_t>(raw >> (k * B)) & ((1u << B) - 1u), s, z);
+      store8<OutT>(out + static_cast<int64_t>(sc) * 8, v, true, 8);  // row * cols + col0 == 8 * sc
     }
   }
 }
 
 template <int B, bool OFFSET, typename OutT>
 cudaError_t launch_fast(const IntgParams& p, void* out, int64_t cpr, int64_t n_chunks, cudaStream_t stream) {
-  const int threads = 256;
-  const int64_t grid = (n_chunks + threads * kSub - 1) / (threads * kSub);
-  intg_dequant_fast_kernel<B, OFFSET, OutT><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+  const int64_t grid = (n_chunks + kThreads * kSub - 1) / (kThreads * kSub);
+  intg_dequant_fast_kernel<B, OFFSET, OutT><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
       p, static_cast<OutT*>(out), static_cast<uint32_t>(cpr), div_magic(static_cast<uint32_t>(cpr)),
-      static_cast<uint32_t>(n_chunks), log2_exact(p.group_size));
+      static_cast<uint32_t>(n_chunks), log2_exact(p.group_size), static_cast<uint64_t>(p.rows) * p.row_bytes);
   return cudaGetLastError();
 }
 
@@ -165,7 +174,9 @@ cudaError_t dequant_b(const IntgParams& p, void* out, int out_dtype, cudaStream_
   // u32/u64/u16 loads need every sub-chunk start aligned: row_bytes a multiple of B (cols % 8 == 0).
   const bool aligned_load = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(p.qweight) % 8 == 0);
   const bool vec_store = (p.cols % 8 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
-  if (aligned_load && vec_store && !p.g_idx && p.group_size % 8 == 0 && n_chunks < (int64_t(1) << 32) - 4096) {
+  const bool fast = vec_store && !p.g_idx && p.group_size % 8 == 0 && p.row_bytes == cpr * B &&
+                    reinterpret_cast<uintptr_t>(p.qweight) % 16 == 0 && n_chunks < (int64_t(1) << 32) - kThreads * kSub;
+  if (fast) {
     switch (out_dtype) {
       case kF32: return launch_fast<B, OFFSET, float>(p, out, cpr, n_chunks, stream);
       case kF16: return launch_fast<B, OFFSET, __half>(p, out, cpr, n_chunks, stream);

@@ -70,8 +70,10 @@ def to_dev(qt: QuantizedTensor) -> QuantizedTensor:
 
 
 # (rows, cols, group): odd rows, cols not divisible by 8/32/group, group smaller than 8, aligned ones too.
+# The fast path (cols % 8 == 0) runs on several blocks with a last partial one (129 x 512, 75 x 1000), a code
+# run whose end is not 16-byte aligned (7 x 1000 at 3, 5, 6, 7 bits) and a group that is not a power of two.
 SHAPES = [(1, 1, 1), (3, 7, 4), (5, 33, 32), (17, 100, 32), (31, 257, 128), (2, 130, 7), (16, 128, 128),
-          (33, 96, 32), (129, 512, 128), (7, 1000, 64)]
+          (33, 96, 32), (129, 512, 128), (7, 1000, 64), (75, 1000, 40), (9, 240, 24)]
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -405,7 +407,8 @@ def make_lowra(rows: int, cols: int, seed: int = 0, widths=(1, 2, 4)) -> Quantiz
                            shape=(rows, cols), dtype=torch.bfloat16, tensors=tensors)
 
 
-LOWRA_SHAPES = [(1, 1), (3, 7), (17, 100), (40, 128), (33, 257), (130, 4096), (9, 1000)]
+# 130 x 4096 and 300 x 1000: several blocks per width class in the fast path (cols % 8 == 0), partial last ones.
+LOWRA_SHAPES = [(1, 1), (3, 7), (17, 100), (40, 128), (33, 257), (130, 4096), (9, 1000), (300, 1000)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -417,6 +420,21 @@ def test_lowra_dequant_bit_exact(ext, dtype):
             out = dispatch.dequantize(to_dev(qt), dtype)
             assert dispatch.last_path()[qt.layout] == "cuda"
             assert bits_equal(out, ref), f"mismatch at {(rows, cols)} widths {widths}"
+
+
+def test_lowra_dequant_unaligned_storage(ext):
+    """Codes and codebooks that start one element off their vector alignment (1 byte for codes, 2 for fp16
+    codebooks) take the general kernel, with the same bits."""
+    qt = make_lowra(50, 256, seed=3)
+    dq = to_dev(qt)
+    for name in ("codes2", "codes4", "codebook1", "codebook2"):
+        v = dq.tensors[name]
+        shifted = torch.empty(v.numel() + 1, dtype=v.dtype, device=DEV)[1:].view(v.shape)
+        shifted.copy_(v)
+        dq.tensors[name] = shifted
+    assert dq.tensors["codes4"].data_ptr() % 4 != 0 and dq.tensors["codebook2"].data_ptr() % 8 != 0
+    for dtype in DTYPES:
+        assert bits_equal(dispatch.dequantize(dq, dtype), dispatch.reference(qt.layout)(qt, dtype))
 
 
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
