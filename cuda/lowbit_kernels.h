@@ -98,7 +98,6 @@ struct Nf4GemvPlan {
   int group;  // warps that work on one tile together
   int pf;     // iterations (ring: absmax fetches, in stages) each warp keeps in flight
   int stages; // ring form: shared-memory stages
-  int it;     // ring form: 128-column iterations of each consumer warp per stage
   bool row_copies;  // ring form: one bulk copy per row instead of one tensor copy per stage
   int per_sm;       // ring form: blocks per SM
   bool x_smem;  // x is staged in shared memory

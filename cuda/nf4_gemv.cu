@@ -443,11 +443,12 @@ __global__ void __launch_bounds__(kWarps * 32, kTile ? 512 / (kWarps * 32) : 1)
 //
 // The other forms keep a tile's codes in flight in registers: 2 iterations a warp at ~124 registers, which
 // left their loads-only skeleton 1.6x its read ceiling at 14336x4096 (docs/KERNELS.md, iteration 4). Here one
-// producer warp per block copies stages of 16 rows x 64 * kWarps * kIt bytes (one bulk copy per row by
-// default, or one tensor copy per stage) into a ring of kStages shared-memory stages, completing on
-// mbarriers; data in flight needs no registers, so a block keeps kStages * ~9-17 KB of loads in flight. The kWarps consumer warps take kIt 128-column iterations
-// of each stage each (the pair-table decode and mma of SkWarp::compute), fetch their absmax bits kPF stages
-// ahead, release the stage, and reduce a tile's sums across warps when its last stage is done.
+// producer warp per block copies stages of 16 rows x 64 * kWarps bytes (one bulk copy per row by default, or
+// one tensor copy per stage) into a ring of kStages shared-memory stages, completing on mbarriers; data in
+// flight needs no registers, so a block keeps kStages * ~9-17 KB of loads in flight. Each of the kWarps
+// consumer warps takes one 128-column iteration of each stage (the pair-table decode and mma of
+// SkWarp::compute; two per stage were no faster, iteration 5 runs 2-3), fetches its absmax bits kPF stages
+// ahead, releases the stage, and the warps reduce a tile's sums when its last stage is done.
 // The grid is persistent (one block per SM), each block taking a contiguous range of whole tiles (no shared
 // tiles, no fix-up, deterministic).
 
@@ -460,28 +461,22 @@ constexpr int kRingRowPad = 32;
 constexpr int kRingPF = 3;
 
 // mbarrier and bulk-copy primitives. sm_90+ only: the plan never picks the ring form below that, and the
-// kernel body compiles to a trap there.
+// kernel body compiles to a trap there, so they are only defined for sm_90+ device code.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define LOWBIT_RING_ARCH 1
 #endif
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 #ifdef LOWBIT_RING_ARCH
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-#endif
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-#ifdef LOWBIT_RING_ARCH
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-#endif
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#ifdef LOWBIT_RING_ARCH
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-#endif
 }
 // Wait until the phase of parity `parity` of the barrier has completed (acquire: the stage's data is visible).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#ifdef LOWBIT_RING_ARCH
   asm volatile(
       "{\n\t.reg .pred done;\n"
       "RING_WAIT:\n\t"
@@ -489,45 +484,41 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "@!done bra RING_WAIT;\n}" ::"r"(bar),
       "r"(parity)
       : "memory");
-#endif
 }
 // Bulk copy global -> shared; `bytes` (a multiple of 16, both addresses 16-byte aligned) complete on `bar`.
 __device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#ifdef LOWBIT_RING_ARCH
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
-#endif
 }
 // Tensor copy global -> shared of the box at element coordinates {x0, y0} of the 2D tensor map; its bytes
 // complete on `bar`.
 __device__ __forceinline__ void tensor_copy_g2s(uint32_t dst, const CUtensorMap* map, int x0, int y0, uint32_t bar) {
-#ifdef LOWBIT_RING_ARCH
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
           dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x0), "r"(y0), "r"(bar)
       : "memory");
-#endif
 }
 __device__ __forceinline__ uint2 lds_u64(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
+#endif  // LOWBIT_RING_ARCH
 
 // Shared memory of the ring form: the 32 KB pair table, the nested map, the two reduction buffers, the
 // kStages full and empty barriers (padded to 128 bytes: tensor copies need 128-byte aligned stages), the
 // stages; then x (x_smem).
 __host__ __device__ constexpr int ring_stage_bytes(int iterations) { return 16 * (64 * iterations + kRingRowPad); }
 __host__ __device__ constexpr int ring_bars_bytes(int stages) { return (16 * stages + 127) / 128 * 128; }
-__host__ __device__ constexpr int ring_smem(int warps, int stages, int it) {
-  return 256 * 128 + 256 * 4 + 2 * warps * 32 * 16 + ring_bars_bytes(stages) + stages * ring_stage_bytes(warps * it);
+__host__ __device__ constexpr int ring_smem(int warps, int stages) {
+  return 256 * 128 + 256 * 4 + 2 * warps * 32 * 16 + ring_bars_bytes(stages) + stages * ring_stage_bytes(warps);
 }
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6): 0 = the kernel; 1 = no decode (the
 // pipeline alone: copies, waits, code reads); 2 = no copies and no waits (the consumers' decode and mma alone).
-template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kIt, int kPF, bool kXSmem, int kMode = 0,
+template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kPF, bool kXSmem, int kMode = 0,
           bool kRowCopies = false, int kPerSM = 1>
 __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
     nf4_gemv_ring_kernel(const SkArgs<kNested, kBs64> a, const __grid_constant__ CUtensorMap codes_map,
@@ -536,8 +527,8 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
 #ifndef LOWBIT_RING_ARCH
   __trap();
 #else
-  constexpr int kRowBytes = 64 * kWarps * kIt, kRowStride = kRowBytes + kRingRowPad;
-  constexpr int kStageBytes = ring_stage_bytes(kWarps * kIt);
+  constexpr int kRowBytes = 64 * kWarps, kRowStride = kRowBytes + kRingRowPad;
+  constexpr int kStageBytes = ring_stage_bytes(kWarps);
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   float4* const red = reinterpret_cast<float4*>(smem + 256 * 128 + 256 * 4);  // [2][kWarps][32]
@@ -549,7 +540,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   const int n_tiles = static_cast<int>((a.rows + 15) >> 4);
   const int tile0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * n_tiles / gridDim.x);
   const int tile1 = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * n_tiles / gridDim.x);
-  const int n_stages = (tile1 - tile0) * a.n_steps;  // a.n_steps: stages (chunks of kWarps * kIt iterations) a tile
+  const int n_stages = (tile1 - tile0) * a.n_steps;  // a.n_steps: stages (chunks of kWarps iterations) a tile
   const int64_t row_bytes = a.cols >> 1;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -563,48 +554,40 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   if (warp == kWarps) {
     // Producer: a stage is the chunk's bytes of the tile's (up to) 16 rows.
     if (kMode == 2) return;
-    if constexpr (kRowCopies) {
-      // The default (ring<W>s<S>r): one 1D bulk copy per row, lane r issuing row r's. The compiler serializes
-      // the lanes, ~37 ns a copy (measured): fine at 16 copies per 16.9 KB stage, copy-bound at 8 KB stages
-      // of 8 warps unless two blocks share the SM.
-      const uint8_t* src = a.packed + static_cast<int64_t>(tile0) * 16 * row_bytes;
-      int tile = tile0, chunk = 0;
-      for (int s = 0; s < n_stages; ++s) {
-        const int slot = s % kStages;
-        if (s >= kStages) mbar_wait(empty0 + 8 * slot, ((s / kStages) - 1) & 1);
-        const int rows = static_cast<int>(imin64(16, a.rows - static_cast<int64_t>(tile) * 16));
-        const int bytes = static_cast<int>(imin64(kRowBytes, row_bytes - static_cast<int64_t>(chunk) * kRowBytes));
-        const uint32_t bar = full0 + 8 * slot;
-        if (lane == 0) mbar_arrive_expect_tx(bar, rows * bytes);
-        __syncwarp();
-        if (lane < rows)
-          bulk_copy_g2s(ring0 + slot * kStageBytes + lane * kRowStride,
-                        src + static_cast<int64_t>(lane) * row_bytes + static_cast<int64_t>(chunk) * kRowBytes, bytes,
-                        bar);
-        if (++chunk == a.n_steps) {
-          chunk = 0;
-          ++tile;
-          src += 16 * row_bytes;
-        }
-      }
-      return;
+    if constexpr (!kRowCopies) {
+      // Variant (ring<W>s<S>): lane 0 issues one 2D tensor copy a stage, the box 32 bytes wider than the chunk
+      // (rows past the end come back as zeros and are never stored). One instruction a stage, yet ~14% slower
+      // than per-row copies at 14336x4096 (docs/KERNELS.md, iteration 5).
+      if (lane != 0) return;
+      if ((ring0 & 127u) != 0u) __trap();  // the dynamic shared memory starts 1 KB-aligned on sm_90
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&codes_map)) : "memory");
     }
-    // Variant (ring<W>s<S>): lane 0 issues one 2D tensor copy a stage, the box 32 bytes wider than the chunk
-    // (rows past the end come back as zeros and are never stored). One instruction a stage, yet ~14% slower
-    // than per-row copies at 14336x4096 (docs/KERNELS.md, iteration 5).
-    if (lane != 0) return;
-    if ((ring0 & 127u) != 0u) __trap();  // the dynamic shared memory starts 1 KB-aligned on sm_90
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&codes_map)) : "memory");
+    const uint8_t* src = a.packed + static_cast<int64_t>(tile0) * 16 * row_bytes;  // the tile's first row
     int tile = tile0, chunk = 0;
     for (int s = 0; s < n_stages; ++s) {
       const int slot = s % kStages;
       if (s >= kStages) mbar_wait(empty0 + 8 * slot, ((s / kStages) - 1) & 1);
-      const uint32_t bar = full0 + 8 * slot;
-      mbar_arrive_expect_tx(bar, kStageBytes);
-      tensor_copy_g2s(ring0 + slot * kStageBytes, &codes_map, chunk * (kRowBytes / 8), tile * 16, bar);
+      const uint32_t bar = full0 + 8 * slot, dst = ring0 + slot * kStageBytes;
+      if constexpr (kRowCopies) {
+        // The default (ring<W>s<S>r): one 1D bulk copy per row, lane r issuing row r's. The compiler serializes
+        // the lanes, ~37 ns a copy (measured): fine at 16 copies per 16.9 KB stage, copy-bound at 8 KB stages
+        // of 8 warps unless two blocks share the SM.
+        const int rows = static_cast<int>(imin64(16, a.rows - static_cast<int64_t>(tile) * 16));
+        const int bytes = static_cast<int>(imin64(kRowBytes, row_bytes - static_cast<int64_t>(chunk) * kRowBytes));
+        if (lane == 0) mbar_arrive_expect_tx(bar, rows * bytes);
+        __syncwarp();
+        if (lane < rows)
+          bulk_copy_g2s(dst + lane * kRowStride,
+                        src + static_cast<int64_t>(lane) * row_bytes + static_cast<int64_t>(chunk) * kRowBytes, bytes,
+                        bar);
+      } else {
+        mbar_arrive_expect_tx(bar, kStageBytes);
+        tensor_copy_g2s(dst, &codes_map, chunk * (kRowBytes / 8), tile * 16, bar);
+      }
       if (++chunk == a.n_steps) {
         chunk = 0;
         ++tile;
+        src += 16 * row_bytes;
       }
     }
     return;
@@ -615,28 +598,24 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
       (kXSmem ? xs : x) + static_cast<int64_t>(g < m ? g : 0) * a.cols + 16 * t, 0, 0, 0, 0};
   W.xs_addr = smem_addr(xs) + 2u * static_cast<uint32_t>((g < m ? g : 0) * a.cols + 16 * t);
   const int n_it = static_cast<int>(a.cols >> 7);
-  // Iteration j of this warp in a stage is chunk * kWarps * kIt + j * kWarps + warp: a stage's row chunk is
-  // kWarps * kIt iterations of 64 bytes.
-  const auto iteration = [&](int chunk, int j) { return (chunk * kIt + j) * kWarps + warp; };
+  // This warp's iteration in a stage: a stage's row chunk is kWarps iterations of 64 bytes.
+  const auto iteration = [&](int chunk) { return chunk * kWarps + warp; };
   // Absmax fetch cursor (kPF stages ahead of the stage being computed) and its ring of raw bits. Block
   // indices are 32-bit (the plan checks that the weight has < 2^32 blocks): the first block of rows g and
   // g + 8 of the fetch tile, plus the iteration's.
-  SkRaw<kNested, kBs64> buf[kPF + 1][kIt];
+  SkRaw<kNested, kBs64> buf[kPF + 1];
   const uint32_t row_blocks = static_cast<uint32_t>(a.cols >> a.bs_shift);
   const auto row_block0 = [&](int tile, int r) {
     return static_cast<uint32_t>(imin64(static_cast<int64_t>(tile) * 16 + r, a.rows - 1)) * row_blocks;
   };
   int f_chunk = 0, f_tile = tile0;
   uint32_t f_blk0 = row_block0(tile0, g), f_blk1 = row_block0(tile0, g + 8);
-  const auto fetch_absmax = [&](SkRaw<kNested, kBs64> (&r)[kIt]) {
-#pragma unroll
-    for (int j = 0; j < kIt; ++j) {
-      const int it = iteration(f_chunk, j);
-      if (it < n_it) {
-        const uint32_t b = static_cast<uint32_t>(it * 128) >> a.bs_shift;
-        W.fetch_absmax(f_blk0 + b, 0, r[j]);
-        W.fetch_absmax(f_blk1 + b, 1, r[j]);
-      }
+  const auto fetch_absmax = [&](SkRaw<kNested, kBs64>& r) {
+    const int it = iteration(f_chunk);
+    if (it < n_it) {
+      const uint32_t b = static_cast<uint32_t>(it * 128) >> a.bs_shift;
+      W.fetch_absmax(f_blk0 + b, 0, r);
+      W.fetch_absmax(f_blk1 + b, 1, r);
     }
     if (++f_chunk == a.n_steps) {
       f_chunk = 0;
@@ -662,21 +641,17 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
         if (s + kPF < n_stages) fetch_absmax(buf[(u + kPF) % (kPF + 1)]);
         const int slot = s % kStages;
         if (kMode != 2) mbar_wait(full0 + 8 * slot, (s / kStages) & 1);
-#pragma unroll
-        for (int j = 0; j < kIt; ++j) {
-          if (iteration(chunk, j) < n_it) {
-            const uint32_t p = ring0 + slot * kStageBytes + g * kRowStride + 64 * (j * kWarps + warp) + 8 * t;
-            buf[u][j].c[0][0] = lds_u64(p);
-            buf[u][j].c[0][1] = lds_u64(p + 32);
-            buf[u][j].c[1][0] = lds_u64(p + 8 * kRowStride);
-            buf[u][j].c[1][1] = lds_u64(p + 8 * kRowStride + 32);
-          }
+        const bool active = iteration(chunk) < n_it;  // the tile's last stage may be partial
+        if (active) {
+          const uint32_t p = ring0 + slot * kStageBytes + g * kRowStride + 64 * warp + 8 * t;
+          buf[u].c[0][0] = lds_u64(p);
+          buf[u].c[0][1] = lds_u64(p + 32);
+          buf[u].c[1][0] = lds_u64(p + 8 * kRowStride);
+          buf[u].c[1][1] = lds_u64(p + 8 * kRowStride + 32);
         }
         __syncwarp();
         if (lane == 0 && kMode != 2) mbar_arrive(empty0 + 8 * slot);  // the codes are in registers: refill
-#pragma unroll
-        for (int j = 0; j < kIt; ++j)
-          if (iteration(chunk, j) < n_it) W.compute(buf[u][j], iteration(chunk, j), acc);
+        if (active) W.compute(buf[u], iteration(chunk), acc);
         if (++chunk == a.n_steps) {  // the tile's last stage: sum the warps' partial dot products
           red[(parity * kWarps + warp) * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
           named_barrier(2, kWarps * 32);
@@ -722,7 +697,6 @@ struct SkVariant {
   int warps, group, pf;
   int form;        // Nf4GemvForm
   int stages = 0;  // ring form: shared-memory stages
-  int it = 1;      // ring form: 128-column iterations of each consumer warp per stage
   bool row_copies = false;  // ring form: one bulk copy per row instead of one tensor copy per stage
   int per_sm = 1;           // ring form: blocks per SM
 };
@@ -733,12 +707,9 @@ inline SkVariant parse_variant(const std::string& mode) {
   SkVariant v = kSkDefault;
   int w = 0, st = 0;
   if (std::sscanf(mode.c_str(), "tile%d", &w) == 1) return SkVariant{w, w, 2, kNf4Tile};
-  if (std::sscanf(mode.c_str(), "ring%ds%d", &w, &st) == 2) {  // ring<warps>s<stages>[i<iterations>][r]
-    int it = 1;
-    const size_t i = mode.rfind('i');
-    if (i != std::string::npos && std::sscanf(mode.c_str() + i, "i%d", &it) != 1) it = 1;
+  if (std::sscanf(mode.c_str(), "ring%ds%d", &w, &st) == 2) {  // ring<warps>s<stages>[r[2]]
     const bool two = mode.size() > 2 && mode.compare(mode.size() - 2, 2, "r2") == 0;  // ...r2: 2 blocks per SM
-    return SkVariant{w, w, kRingPF, kNf4Ring, st, it, two || mode.back() == 'r', two ? 2 : 1};
+    return SkVariant{w, w, kRingPF, kNf4Ring, st, two || mode.back() == 'r', two ? 2 : 1};
   }
   if (std::sscanf(mode.c_str(), "w%dg%dpf%d", &v.warps, &v.group, &v.pf) != 3) v = kSkDefault;
   return v;
@@ -748,7 +719,7 @@ inline SkVariant parse_variant(const std::string& mode) {
 // up to 64 KB of slack to its 64 KB boundary), the nested map, the two group-reduction buffers (ring: and its
 // barriers and stages).
 inline int sk_variant_smem(const SkVariant& v) {
-  if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages, v.it);
+  if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages);
   return (v.form == kNf4Tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
 }
 // A ring block of a 2-per-SM variant gets at most this much (half of sm_90's 228 KB, less the 1 KB reserved per
@@ -791,17 +762,17 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   if (v.form != kNf4Ring) return nullptr;
   if constexpr (kNested && kBs64) {
     const char* mode = std::getenv("LOWBITPACK_NF4_SK_MODE");
-    if (mode && mode[0] == '1' && v.warps == 16 && v.stages == 6 && v.it == 1 && !v.row_copies && v.per_sm == 1)
-      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 1>;
-    if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && v.it == 1 && !v.row_copies && v.per_sm == 1)
-      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 2>;
+    if (mode && mode[0] == '1' && v.warps == 16 && v.stages == 6 && !v.row_copies && v.per_sm == 1)
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 1>;
+    if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && !v.row_copies && v.per_sm == 1)
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 2>;
   }
-  if (v.warps == 8 && v.stages == 6 && v.it == 1 && v.row_copies && v.per_sm == 2)
-    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, 1, kRingPF, kXSmem, 0, true, 2>;
-  if (v.warps == 16 && v.stages == 6 && v.it == 1 && v.row_copies)
-    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem, 0, true>;
-  if (v.warps == 16 && v.stages == 6 && v.it == 1) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 1, kRingPF, kXSmem>;
-  if (v.warps == 8 && v.stages == 8 && v.it == 1) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 8, 1, kRingPF, kXSmem>;
+  if (v.warps == 8 && v.stages == 6 && v.row_copies && v.per_sm == 2)
+    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2>;
+  if (v.warps == 16 && v.stages == 6 && v.row_copies)
+    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true>;
+  if (v.warps == 16 && v.stages == 6) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem>;
+  if (v.warps == 8 && v.stages == 8) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 8, kRingPF, kXSmem>;
   return nullptr;
 }
 template <typename XT, bool kNested, bool kBs64>
@@ -834,7 +805,7 @@ cudaError_t encode_codes_map(const Nf4Params& p, const Nf4GemvPlan& plan, CUtens
   if (encode == nullptr) return cudaErrorNotSupported;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.cols / 16), static_cast<cuuint64_t>(p.rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.cols / 2)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>((64 * plan.warps * plan.it + kRingRowPad) / 8), 16};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>((64 * plan.warps + kRingRowPad) / 8), 16};
   const cuuint32_t elem[2] = {1, 1};
   const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT64, 2, const_cast<uint8_t*>(p.packed), dims, strides, box,
                             elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
@@ -859,13 +830,12 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   // Steps of a tile: stream-K and tile form, one 128-column iteration per warp of the group; ring form,
   // one stage of `warps` iterations (the last one may be partial).
   const int64_t n_it = p.cols / 128;
-  const int64_t per_stage = static_cast<int64_t>(plan.warps) * plan.it;
-  a.n_steps = static_cast<int>(plan.form == kNf4Ring ? (n_it + per_stage - 1) / per_stage : n_it / plan.group);
+  a.n_steps = static_cast<int>(plan.form == kNf4Ring ? (n_it + plan.warps - 1) / plan.warps : n_it / plan.group);
   a.total = static_cast<int>(plan.n_tiles * a.n_steps);
   a.partials = partials;
   a.counters = counters;
   a.x_smem = plan.x_smem;
-  const SkVariant v{plan.warps, plan.group, plan.pf, plan.form, plan.stages, plan.it, plan.row_copies, plan.per_sm};
+  const SkVariant v{plan.warps, plan.group, plan.pf, plan.form, plan.stages, plan.row_copies, plan.per_sm};
   const int smem = sk_variant_smem(v) + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
   cudaError_t e;
   if (plan.form == kNf4Ring) {  // plus its producer warp and the codes' tensor map
@@ -947,9 +917,9 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   const auto ring_fits = [&](const SkVariant& r) {
     return major_of[dev] >= 9 && (r.row_copies || tensor_map_encoder() != nullptr) && p.rows < (int64_t(1) << 31) &&
            p.rows >= 16 &&
-           p.cols / 2 >= 64 * r.warps * r.it + kRingRowPad && smem_of[dev] >= sk_variant_smem_max(r);
+           p.cols / 2 >= 64 * r.warps + kRingRowPad && smem_of[dev] >= sk_variant_smem_max(r);
   };
-  const SkVariant ring16{16, 16, kRingPF, kNf4Ring, 6, 1, true}, ring8x2{8, 8, kRingPF, kNf4Ring, 6, 1, true, 2};
+  const SkVariant ring16{16, 16, kRingPF, kNf4Ring, 6, true}, ring8x2{8, 8, kRingPF, kNf4Ring, 6, true, 2};
   const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = parse_variant(mode);
   if (mode.empty()) {
@@ -988,7 +958,6 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.pf = v.pf;
   plan.form = v.form;
   plan.stages = v.stages;
-  plan.it = v.it;
   plan.row_copies = v.row_copies;
   plan.per_sm = v.per_sm;
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
