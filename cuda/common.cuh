@@ -158,6 +158,19 @@ inline uint64_t div_magic(uint32_t d) { return d < 2 ? 0 : (~uint64_t(0) / d) + 
 
 __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Host: `launch(OutT{})` with OutT the C++ type of `out_dtype` (float, __half or __nv_bfloat16), then the
+// launch's error; the three dequantize launchers pick their kernel's output type with it.
+template <typename Launch>
+cudaError_t with_out_type(int out_dtype, Launch&& launch) {
+  switch (out_dtype) {
+    case kF32: launch(float{}); break;
+    case kF16: launch(__half{}); break;
+    case kBF16: launch(__nv_bfloat16{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 // log2(v) when v is a power of two, else -1 (kernels then divide).
 inline int log2_exact(int64_t v) {
   if (v <= 0 || (v & (v - 1))) return -1;

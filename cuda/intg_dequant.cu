@@ -157,15 +157,6 @@ __global__ void __launch_bounds__(kThreads) intg_dequant_fast_kernel(const IntgP
   }
 }
 
-template <int B, bool OFFSET, typename OutT>
-cudaError_t launch_fast(const IntgParams& p, void* out, int64_t cpr, int64_t n_chunks, cudaStream_t stream) {
-  const int64_t grid = (n_chunks + kThreads * kSub - 1) / (kThreads * kSub);
-  intg_dequant_fast_kernel<B, OFFSET, OutT><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      p, static_cast<OutT*>(out), static_cast<uint32_t>(cpr), div_magic(static_cast<uint32_t>(cpr)),
-      static_cast<uint32_t>(n_chunks), log2_exact(p.group_size), static_cast<uint64_t>(p.rows) * p.row_bytes);
-  return cudaGetLastError();
-}
-
 template <int B, bool OFFSET>
 cudaError_t dequant_b(const IntgParams& p, void* out, int out_dtype, cudaStream_t stream) {
   const int64_t cpr = (p.cols + 7) / 8;
@@ -177,33 +168,22 @@ cudaError_t dequant_b(const IntgParams& p, void* out, int out_dtype, cudaStream_
   const bool fast = vec_store && !p.g_idx && p.group_size % 8 == 0 && p.row_bytes == cpr * B &&
                     reinterpret_cast<uintptr_t>(p.qweight) % 16 == 0 && n_chunks < (int64_t(1) << 32) - kThreads * kSub;
   if (fast) {
-    switch (out_dtype) {
-      case kF32: return launch_fast<B, OFFSET, float>(p, out, cpr, n_chunks, stream);
-      case kF16: return launch_fast<B, OFFSET, __half>(p, out, cpr, n_chunks, stream);
-      case kBF16: return launch_fast<B, OFFSET, __nv_bfloat16>(p, out, cpr, n_chunks, stream);
-      default: return cudaErrorInvalidValue;
-    }
+    return with_out_type(out_dtype, [&](auto tag) {
+      using OutT = decltype(tag);
+      const int64_t grid = (n_chunks + kThreads * kSub - 1) / (kThreads * kSub);
+      intg_dequant_fast_kernel<B, OFFSET, OutT><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+          p, static_cast<OutT*>(out), static_cast<uint32_t>(cpr), div_magic(static_cast<uint32_t>(cpr)),
+          static_cast<uint32_t>(n_chunks), log2_exact(p.group_size), static_cast<uint64_t>(p.rows) * p.row_bytes);
+    });
   }
   const int threads = 256;
   const int64_t grid = (n_chunks + threads * 4 - 1) / (threads * 4);
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  switch (out_dtype) {
-    case kF32:
-      intg_dequant_kernel<B, OFFSET, float><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-          p, static_cast<float*>(out), cpr, n_chunks, aligned_load, vec_store);
-      break;
-    case kF16:
-      intg_dequant_kernel<B, OFFSET, __half><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-          p, static_cast<__half*>(out), cpr, n_chunks, aligned_load, vec_store);
-      break;
-    case kBF16:
-      intg_dequant_kernel<B, OFFSET, __nv_bfloat16><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-          p, static_cast<__nv_bfloat16*>(out), cpr, n_chunks, aligned_load, vec_store);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return with_out_type(out_dtype, [&](auto tag) {
+    using OutT = decltype(tag);
+    intg_dequant_kernel<B, OFFSET, OutT><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+        p, static_cast<OutT*>(out), cpr, n_chunks, aligned_load, vec_store);
+  });
 }
 
 template <int B>

@@ -246,40 +246,18 @@ cudaError_t lowra_dequant(const LowraParams& p, void* out, int out_dtype, cudaSt
     const uint32_t g = end2 + static_cast<uint32_t>((n4 + per_block - 1) / per_block);
     const uint32_t c = static_cast<uint32_t>(cpr);
     const uint64_t magic = div_magic(c);
-    switch (out_dtype) {
-      case kF32:
-        lowra_dequant_fast_kernel<float><<<g, threads, 0, stream>>>(p, static_cast<float*>(out), c, magic, end1, end2);
-        break;
-      case kF16:
-        lowra_dequant_fast_kernel<__half><<<g, threads, 0, stream>>>(p, static_cast<__half*>(out), c, magic, end1, end2);
-        break;
-      case kBF16:
-        lowra_dequant_fast_kernel<__nv_bfloat16><<<g, threads, 0, stream>>>(p, static_cast<__nv_bfloat16*>(out), c,
-                                                                            magic, end1, end2);
-        break;
-      default:
-        return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return with_out_type(out_dtype, [&](auto tag) {
+      using OutT = decltype(tag);
+      lowra_dequant_fast_kernel<OutT><<<g, threads, 0, stream>>>(p, static_cast<OutT*>(out), c, magic, end1, end2);
+    });
   }
   const int64_t grid = (total + threads * 4 - 1) / (threads * 4);
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const unsigned g = static_cast<unsigned>(grid);
-  switch (out_dtype) {
-    case kF32:
-      lowra_dequant_kernel<float><<<g, threads, 0, stream>>>(p, static_cast<float*>(out), n1, n2, n4, vec_store);
-      break;
-    case kF16:
-      lowra_dequant_kernel<__half><<<g, threads, 0, stream>>>(p, static_cast<__half*>(out), n1, n2, n4, vec_store);
-      break;
-    case kBF16:
-      lowra_dequant_kernel<__nv_bfloat16><<<g, threads, 0, stream>>>(p, static_cast<__nv_bfloat16*>(out), n1, n2, n4,
-                                                                     vec_store);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return with_out_type(out_dtype, [&](auto tag) {
+    using OutT = decltype(tag);
+    lowra_dequant_kernel<OutT><<<g, threads, 0, stream>>>(p, static_cast<OutT*>(out), n1, n2, n4, vec_store);
+  });
 }
 
 cudaError_t lowra_gemv(const LowraParams& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream) {

@@ -150,23 +150,11 @@ cudaError_t nf4_dequant(const Nf4Params& p, void* out, int out_dtype, cudaStream
   const int threads = 256;
   const int64_t grid = (n_chunks + threads * kSub - 1) / (threads * kSub);
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  switch (out_dtype) {
-    case kF32:
-      nf4_dequant_kernel<float><<<static_cast<unsigned>(grid), threads, 0, stream>>>(p, static_cast<float*>(out),
-                                                                                   numel, vec_store);
-      break;
-    case kF16:
-      nf4_dequant_kernel<__half><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-          p, static_cast<__half*>(out), numel, vec_store);
-      break;
-    case kBF16:
-      nf4_dequant_kernel<__nv_bfloat16><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-          p, static_cast<__nv_bfloat16*>(out), numel, vec_store);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return with_out_type(out_dtype, [&](auto tag) {
+    using OutT = decltype(tag);
+    nf4_dequant_kernel<OutT><<<static_cast<unsigned>(grid), threads, 0, stream>>>(p, static_cast<OutT*>(out), numel,
+                                                                                  vec_store);
+  });
 }
 
 cudaError_t nf4_gemv(const Nf4Params& p, const void* x, int64_t m, int x_dtype, void* y, cudaStream_t stream) {
