@@ -5,7 +5,6 @@
 // Reference arithmetic: w = float(codebook[row, code]) (exact), rounded once to the output dtype.
 #include "gemv_core.cuh"
 
-
 namespace lowbit {
 namespace {
 
@@ -62,7 +61,7 @@ __global__ void __launch_bounds__(256) lowra_dequant_kernel(const LowraParams p,
 // load the row's whole codebook (2 or 4 fp16 = one 4- or 8-byte word) and pick entries with PRMT: two
 // codes a, b give selector 0x22 * a + 0x2200 * b + 0x1010 (bytes 2a, 2a + 1, 2b, 2b + 1 of the
 // codebook). Width 4 (16 entries) looks each code up with a cached load. At 14336 x 4096 (widths in equal
-// shares) this took 67.2 us against 53.0 us for the general kernel below on an H100 (bench/dequant_exp.cu).
+// shares) this takes 53.0 us against 67.2 us for the general kernel below on an H100 (bench/dequant_exp.cu).
 constexpr int kLowraSub = 8;
 
 template <int B, typename OutT>
