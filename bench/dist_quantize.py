@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -68,7 +69,14 @@ def _run(src, out: Path, scheme: str, nproc: int, **kw) -> dict:
         rec["calibration_s"] = cal["seconds"]
         rec["layer_seconds"] = cal["layer_seconds"]
         rec["per_layer_s"] = round(sum(cal["layer_seconds"]) / max(1, len(cal["layer_seconds"])), 3)
+        # the median resists a one-off slow layer (a 2x H200 run once had a 111 s first layer, then 21 s)
+        rec["median_layer_s"] = round(statistics.median(cal["layer_seconds"]), 3) if cal["layer_seconds"] else 0.0
     return rec
+
+
+def _speedups(one: dict, many: dict) -> dict:
+    return {"speedup_per_layer": round(one["per_layer_s"] / many["per_layer_s"], 2),
+            "speedup_median_layer": round(one["median_layer_s"] / many["median_layer_s"], 2)}
 
 
 def _compare_gptq(a: Path, b: Path) -> dict:
@@ -291,8 +299,8 @@ def main() -> None:
             report["rtn"] = []
             for scheme in ("int4", "nf4"):
                 one = _run(src, work / f"{scheme}-1", scheme, 1)
-                many = _run(src, work / f"{scheme}-{args.nproc}", scheme, args.nproc)
-                same = _files_sha(work / f"{scheme}-1") == _files_sha(work / f"{scheme}-{args.nproc}")
+                many = _run(src, work / f"{scheme}-n{args.nproc}", scheme, args.nproc)
+                same = _files_sha(work / f"{scheme}-1") == _files_sha(work / f"{scheme}-n{args.nproc}")
                 report["rtn"].append({"model": "SmolLM2-135M-Instruct", "scheme": scheme, "one": one, "many": many,
                                       "byte_identical": same, "speedup_wall": round(one["wall_s"] / many["wall_s"], 2)})
                 print(json.dumps(report["rtn"][-1]), flush=True)
@@ -300,24 +308,24 @@ def main() -> None:
         if "gptq_smollm2" in only:
             src = _truncated_smollm2(work, gl)
             one = _run(src, work / "g-smol-1", "gptq4", 1, **gkw)
-            many = _run(src, work / f"g-smol-{args.nproc}", "gptq4", args.nproc, **gkw)
+            many = _run(src, work / f"g-smol-n{args.nproc}", "gptq4", args.nproc, **gkw)
             report["gptq_smollm2"] = {
                 "model": f"SmolLM2-135M-Instruct, first {gl} of 30 layers", "samples": samples, "seqlen": seqlen,
-                "one": one, "many": many, "speedup_per_layer": round(one["per_layer_s"] / many["per_layer_s"], 2),
-                "difference": _compare_gptq(work / "g-smol-1", work / f"g-smol-{args.nproc}")}
+                "one": one, "many": many, **_speedups(one, many),
+                "difference": _compare_gptq(work / "g-smol-1", work / f"g-smol-n{args.nproc}")}
             report["gptq_smollm2"]["reference_single_process_batch16_vs_batch8"] = _batch16_reference(
                 src, work / "g-smol-1", samples, seqlen, args.device)
             print(json.dumps(report["gptq_smollm2"]), flush=True)
         if "gptq_70b_layers" in only:
             src = _synthetic_70b(work, scale, l70)
             one = _run(src, work / "g-70-1", "gptq4", 1, **gkw)
-            many = _run(src, work / f"g-70-{args.nproc}", "gptq4", args.nproc, **gkw)
+            many = _run(src, work / f"g-70-n{args.nproc}", "gptq4", args.nproc, **gkw)
             report["gptq_70b_layers"] = {
                 "shape": {"hidden": 8192 // scale, "intermediate": 28672 // scale, "heads": 64 // scale,
                           "kv_heads": max(1, 8 // scale), "divided_by": scale, "layers": l70},
                 "samples": samples, "seqlen": seqlen, "one": one, "many": many,
-                "speedup_per_layer": round(one["per_layer_s"] / many["per_layer_s"], 2),
-                "difference": _compare_gptq(work / "g-70-1", work / f"g-70-{args.nproc}")}
+                **_speedups(one, many),
+                "difference": _compare_gptq(work / "g-70-1", work / f"g-70-n{args.nproc}")}
             print(json.dumps(report["gptq_70b_layers"]), flush=True)
     finally:
         if args.work_dir is None:
