@@ -100,6 +100,8 @@ struct Nf4GemvPlan {
   int stages; // ring form: shared-memory stages
   bool row_copies;  // ring form: one bulk copy per row instead of one tensor copy per stage
   int per_sm;       // ring form: blocks per SM
+  bool tile_absmax; // ring form: a tile's absmax codes come through shared memory (nested absmax)
+  bool pdl;         // ring form: launched with programmatic dependent launch
   bool x_smem;  // x is staged in shared memory
   int64_t n_tiles;
   int64_t partial_floats;

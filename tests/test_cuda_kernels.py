@@ -270,7 +270,7 @@ NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 102
 
 
 @pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2", "tile4", "tile8",
-                                     "ring8s8", "ring16s6", "ring16s6r", "ring8s6r2"])
+                                     "ring8s8", "ring16s6", "ring16s6r", "ring8s6r2", "ring16s6ra", "ring8s6r2a"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -296,8 +296,8 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             expect = "stream-k"
             if variant.startswith("ring"):  # tensor copies and mbarrier transaction counts: sm_90+; the copy's
                 # box (16 rows x 64 bytes a warp iteration + 32) must fit in the weight
-                warps, _, it = re.fullmatch(r"ring(\d+)s(\d+)(?:i(\d+))?r?2?", variant).groups(default="1")
-                fits = rows >= 16 and cols // 2 >= 64 * int(warps) * int(it) + 32
+                warps, _ = re.fullmatch(r"ring(\d+)s(\d+)r?2?a?", variant).groups()
+                fits = rows >= 16 and cols // 2 >= 64 * int(warps) + 32
                 expect = "pair-ring" if torch.cuda.get_device_capability()[0] >= 9 and fits else "generic"
             elif variant.startswith("tile"):  # one block per tile: its warps must split the tile's iterations
                 expect = "pair-tile" if (cols // 128) % int(variant[4:]) == 0 else "generic"
@@ -307,6 +307,77 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             check_product(y, x, w)
             y2 = ext.nf4_gemv(x.to(DEV), *args)
             assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), "not deterministic"
+
+
+@pytest.mark.parametrize("pair", [("ring16s6r", "ring16s6ra"), ("ring8s6r2", "ring8s6r2a")])
+def test_nf4_gemv_ring_absmax_slots_and_pdl_same_bits(ext, pair, monkeypatch):
+    """The ring form's tile-absmax slots (`a`: a tile's absmax codes come through shared memory) and its
+    programmatic dependent launch (LOWBITPACK_NF4_SK_PDL=0 turns it off) change where bytes come from and when
+    the kernel starts, never the sums: all four give the same bits. Rows not a multiple of 16 fall back to
+    per-warp absmax fetches."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the ring form needs sm_90")
+    for i, (rows, cols) in enumerate([(4096, 4096), (320, 16384), (1001, 4096), (48, 2048 + 128)]):
+        packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, 64, seed=90 + i)
+        d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
+        for m in (1, 8):
+            x = torch.randn(m, cols, generator=torch.Generator().manual_seed(i + m)).to(torch.bfloat16).to(DEV)
+            outs = []
+            for variant in pair:
+                for pdl in ("1", "0"):
+                    monkeypatch.setenv("LOWBITPACK_NF4_SK", variant)
+                    monkeypatch.setenv("LOWBITPACK_NF4_SK_PDL", pdl)
+                    outs.append(ext.nf4_gemv(x, d[0], d[1], None, d[2], d[3], d[4], float(offset), 64, 256, rows,
+                                             cols))
+                    assert ext.last_nf4_gemv() == "pair-ring"
+            for o in outs[1:]:
+                assert torch.equal(outs[0].view(torch.int16), o.view(torch.int16)), (rows, cols, m)
+
+
+def test_nf4_gemv_pdl_waits_for_the_kernel_before(ext, monkeypatch):
+    """With programmatic dependent launch the GEMV may start before the kernel before it has finished; it must
+    still read the x that kernel writes (and not overwrite what it reads). Back-to-back calls whose x is made by
+    the kernel just before, eagerly and replayed from a CUDA graph, equal the same calls made one at a time."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the ring form needs sm_90")
+    monkeypatch.delenv("LOWBITPACK_NF4_SK", raising=False)
+    rows, cols = 8192, 4096
+    packed, qmap, code, nmap, nabs, offset = make_nf4(rows, cols, 64, seed=7)
+    d = [t.to(DEV) for t in (packed, qmap, code, nmap, nabs, offset)]
+    x0 = torch.randn(1, cols, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEV)
+
+    def chain(x):  # each GEMV's input is written by the kernel just before it
+        ys = []
+        for k in range(6):
+            x = (x * 1.25 + k).contiguous()
+            ys.append(ext.nf4_gemv(x, d[0], d[1], None, d[2], d[3], d[4], float(offset), 64, 256, rows, cols))
+            x = ys[-1][:, :cols].clone() * 0.01
+        return ys
+
+    eager = chain(x0)
+    assert ext.last_nf4_gemv() == "pair-ring"
+    stepped = []
+    x = x0
+    for k in range(6):  # one at a time: a synchronize between every kernel
+        x = (x * 1.25 + k).contiguous()
+        torch.cuda.synchronize()
+        stepped.append(ext.nf4_gemv(x, d[0], d[1], None, d[2], d[3], d[4], float(offset), 64, 256, rows, cols))
+        torch.cuda.synchronize()
+        x = stepped[-1][:, :cols].clone() * 0.01
+    for a, b in zip(eager, stepped):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(x0)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        graphed = chain(x0)
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(graphed, stepped):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
