@@ -2,8 +2,8 @@
 // machine as `build/gemv_exp/gemv_exp ROWS COLS M VARIANT[,VARIANT...]`).
 //
 // A VARIANT is LOWBITPACK_NF4_SK's value (cuda/nf4_gemv.cu: ring16s6r, ring16s6ra, tile8, off, ...) with optional
-// `/pdl=0` (LOWBITPACK_NF4_SK_PDL: a plain launch instead of programmatic dependent launch) and `/mode=1|2` (the
-// ring16s6[r] tuning builds, LOWBITPACK_NF4_SK_MODE). For each it prints the plan, checks the result against a float64
+// `/key=value` settings, LOWBITPACK_NF4_SK_<KEY>: `/pdl=0` (a plain launch instead of programmatic dependent
+// launch), `/mode=1|2` (the ring16s6[r] tuning builds), `/pro=N` (the consumers issue the first N stages' copies). For each it prints the plan, checks the result against a float64
 // product of the weights the pair-table kernels multiply by (r(quant_map[q]) in bf16, times the fp32 absmax)
 // and bit for bit against the first variant, then times a CUDA graph of back-to-back calls over rotating copies
 // of the weight (L2 holds none of them): the same method as bench/kernels.py. Weights are random NF4 codes with
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cctype>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -170,16 +171,16 @@ int main(int argc, char** argv) {
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   for (size_t vi = 0; vi < variants.size(); ++vi) {
-    // NAME[/pdl=N][/mode=N]: LOWBITPACK_NF4_SK, LOWBITPACK_NF4_SK_PDL, LOWBITPACK_NF4_SK_MODE (tuning builds).
-    std::string name = variants[vi], pdl = "1", mode = "0";
+    // NAME[/key=value...]: LOWBITPACK_NF4_SK=NAME and LOWBITPACK_NF4_SK_<KEY>=value (pdl, mode, pro, ...; unset
+    // when not given), as bench/kernels.py --nf4-variants.
+    std::string name = variants[vi];
+    for (const char* k : {"PDL", "MODE", "PRO"}) unsetenv((std::string("LOWBITPACK_NF4_SK_") + k).c_str());
     for (size_t slash; (slash = name.rfind('/')) != std::string::npos; name = name.substr(0, slash)) {
-      const std::string opt = name.substr(slash + 1);
-      if (opt.rfind("pdl=", 0) == 0) pdl = opt.substr(4);
-      else if (opt.rfind("mode=", 0) == 0) mode = opt.substr(5);
+      std::string opt = name.substr(slash + 1), key = opt.substr(0, opt.find('='));
+      for (char& c : key) c = static_cast<char>(toupper(c));
+      setenv(("LOWBITPACK_NF4_SK_" + key).c_str(), opt.substr(opt.find('=') + 1).c_str(), 1);
     }
     setenv("LOWBITPACK_NF4_SK", name.c_str(), 1);
-    setenv("LOWBITPACK_NF4_SK_PDL", pdl.c_str(), 1);
-    setenv("LOWBITPACK_NF4_SK_MODE", mode.c_str(), 1);
     const auto p0 = params(0);
     const lowbit::Nf4GemvPlan plan = lowbit::nf4_gemv_plan(p0, m, lowbit::kBF16, x);
     const auto launch = [&](int c) {
