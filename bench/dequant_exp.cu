@@ -17,15 +17,8 @@
 #include <vector>
 
 #include "../cuda/lowbit_kernels.h"
+#include "bench_cuda.cuh"
 
-#define CK(x)                                                                         \
-  do {                                                                                \
-    cudaError_t e = (x);                                                              \
-    if (e != cudaSuccess) {                                                           \
-      printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e));       \
-      exit(1);                                                                        \
-    }                                                                                 \
-  } while (0)
 
 using IntgFn = cudaError_t (*)(const lowbit::IntgParams&, void*, int, cudaStream_t);
 using LowraFn = cudaError_t (*)(const lowbit::LowraParams&, void*, int, cudaStream_t);
@@ -93,28 +86,6 @@ static uint16_t to_half_bits(float f) {  // finite, normal range only: enough fo
   return static_cast<uint16_t>(sign | (e << 10) | ((x >> 13) & 0x3FFu));
 }
 
-// Median over `reps` of the mean time of `inner` launches, each on copy i % n.
-template <typename F>
-static double time_us(F&& launch, int n, int inner = 20, int reps = 15) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < n; ++i) launch(i);
-  std::vector<double> ts;
-  for (int r = 0; r < reps; ++r) {
-    CK(cudaEventRecord(a));
-    for (int i = 0; i < inner; ++i) launch(i % n);
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(1000.0 * ms / inner);
-  }
-  CK(cudaGetLastError());
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
-
 static bool same_bytes(const void* a, const void* b, size_t bytes) {
   std::vector<uint8_t> ha(bytes), hb(bytes);
   CK(cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost));
@@ -138,15 +109,8 @@ int main(int argc, char** argv) {
 
   // ceilings
   {
-    const size_t n = size_t(1) << 30;
-    void *a, *b;
-    CK(cudaMalloc(&a, n));
-    CK(cudaMalloc(&b, n));
-    CK(cudaMemset(a, 1, n));
-    const double t = time_us([&](int) { CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice)); }, 1, 10, 7);
-    printf("copy 1 GiB: %.1f us, %.0f GB/s (read + write)\n", t, 2.0 * n / t / 1e3);
-    CK(cudaFree(a));
-    CK(cudaFree(b));
+    const auto [t, gbps] = device_copy_ceiling();
+    printf("copy 1 GiB: %.1f us, %.0f GB/s (read + write)\n", t, gbps);
     const double tf = time_us([&](int i) { fill16<<<prop.multiProcessorCount * 8, 256>>>(
                                                static_cast<uint4*>(outs[i]), out_bytes / 16); }, n_out);
     printf("fill output (write only): %.1f us, %.0f GB/s\n", tf, out_bytes / tf / 1e3);

@@ -22,15 +22,8 @@
 #include <vector>
 
 #include "../cuda/lowbit_kernels.h"
+#include "bench_cuda.cuh"
 
-#define CK(x)                                                                   \
-  do {                                                                          \
-    cudaError_t e = (x);                                                        \
-    if (e != cudaSuccess) {                                                     \
-      printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      exit(1);                                                                  \
-    }                                                                           \
-  } while (0)
 
 static const float kNf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
                                -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
@@ -140,30 +133,7 @@ int main(int argc, char** argv) {
     p.cols = cols;
     return p;
   };
-  // A 1 GiB device copy (bytes read + written) in the same run, as bench/kernels.py reports it.
-  {
-    void *a, *b;
-    const size_t n = 1ull << 30;
-    CK(cudaMalloc(&a, n));
-    CK(cudaMalloc(&b, n));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<float> ts;
-    for (int i = 0; i < 12; ++i) {
-      CK(cudaEventRecord(e0));
-      CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice));
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      ts.push_back(ms);
-    }
-    std::sort(ts.begin(), ts.end());
-    printf("device copy: %.0f GB/s\n", 2.0 * n / (ts[ts.size() / 2] * 1e-3) / 1e9);
-    CK(cudaFree(a));
-    CK(cudaFree(b));
-  }
+  printf("device copy: %.0f GB/s\n", device_copy_ceiling().second);  // in the same run
   printf("shape %lldx%lld m=%d, %d weight copies of %.1f MB\n", (long long)rows, (long long)cols, m, copies,
          per_copy / 1e6);
 
