@@ -536,7 +536,8 @@ __host__ __device__ constexpr int ring_smem(int warps, int stages) {
 }
 // kTileAbsmax: a tile's absmax codes (16 rows x cols / blocksize bytes, contiguous) come in one bulk copy into
 // one of two slots when the producer starts the tile, instead of each consumer warp fetching its own from global
-// memory at every stage (with 8 tokens 14336x4096 went from 22.7 to 19.9 us; 1 token unchanged).
+// memory at every stage (8 tokens, 14336x4096: 21.2 -> 18.8 us; ~1% slower at 1 token, so the plan uses them for
+// m >= 2 and the largest weights).
 inline int64_t ring_tile_absmax_bytes(int64_t cols, int64_t blocksize) { return 16 * (cols / blocksize); }
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6 or ring16s6r): 0 = the kernel; 1 = no decode (the
