@@ -810,6 +810,10 @@ inline int sk_variant_smem(const SkVariant& v) {
 constexpr int kRing2Max = 113 * 1024;
 // The largest tile-absmax slot the ring form takes (16 rows x 256 blocks: 16384 columns at blocksize 64).
 constexpr int kRingTileAbsmaxMax = 4096;
+// Bytes of the ring form's two tile-absmax slots for a weight of `cols` columns (after the stages, before x).
+inline int64_t ring_absmax_slots_bytes(const SkVariant& v, int64_t cols, int64_t blocksize) {
+  return v.tile_absmax ? 2 * ring_tile_absmax_bytes(cols, blocksize) : 0;
+}
 // The most a launch of the variant may ask for (stream-K and ring stage x when it fits in kSkXSmemMax; the ring
 // form's two tile-absmax slots).
 inline int sk_variant_smem_max(const SkVariant& v) {
@@ -939,8 +943,8 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.x_smem = plan.x_smem;
   const SkVariant v{plan.warps,      plan.group,  plan.pf,         plan.form,
                     plan.stages,     plan.row_copies, plan.per_sm, plan.tile_absmax};
-  const int amax_slots = plan.tile_absmax ? static_cast<int>(2 * ring_tile_absmax_bytes(p.cols, p.blocksize)) : 0;
-  const int smem = sk_variant_smem(v) + amax_slots + (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
+  const int smem = sk_variant_smem(v) + static_cast<int>(ring_absmax_slots_bytes(v, p.cols, p.blocksize)) +
+                   (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
   cudaError_t e;
   if (plan.form == kNf4Ring) {  // plus its producer warp and the codes' tensor map
     const auto kern = ring_kernel_for<XT, kNested, kBs64>(v, plan.x_smem);
@@ -1096,8 +1100,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.pdl = v.form == kNf4Ring && !(pdl && pdl[0] == '0');
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
   plan.x_smem = v.form != kNf4Tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0') &&
-                sk_variant_smem(v) + m * p.cols * 2 +
-                        (v.tile_absmax ? 2 * ring_tile_absmax_bytes(p.cols, p.blocksize) : 0) <=
+                sk_variant_smem(v) + ring_absmax_slots_bytes(v, p.cols, p.blocksize) + m * p.cols * 2 <=
                     sk_variant_smem_max(v);
   // Only stream-K shares tiles between blocks.
   plan.partial_floats = v.form == kNf4StreamK ? blocks * (v.warps / v.group) * 2 * 128 : 0;
