@@ -3,10 +3,11 @@
 //
 // A VARIANT is LOWBITPACK_NF4_SK's value (cuda/nf4_gemv.cu: ring16s6r, ring16s6ra, tile8, off, ...) with optional
 // `/key=value` settings, LOWBITPACK_NF4_SK_<KEY>: `/pdl=0` (a plain launch instead of programmatic dependent
-// launch), `/mode=1|2` (the ring16s6[r] tuning builds), `/pro=N` (the consumers issue the first N stages' copies). For each it prints the plan, checks the result against a float64
-// product of the weights the pair-table kernels multiply by (r(quant_map[q]) in bf16, times the fp32 absmax)
-// and bit for bit against the first variant, then times a CUDA graph of back-to-back calls over rotating copies
-// of the weight (L2 holds none of them): the same method as bench/kernels.py. Weights are random NF4 codes with
+// launch), `/mode=1|2` (the ring16s6[r] tuning builds), `/xsmem=0` (x in global memory). For each it prints
+// the plan, checks the result against a float64 product of the weights the pair-table kernels multiply by
+// (r(quant_map[q]) in bf16, times the fp32 absmax) and bit for bit against the first variant, then times a CUDA
+// graph of back-to-back calls over rotating copies of the weight (L2 holds none of them): the same method as
+// bench/kernels.py. Weights are random NF4 codes with
 // double-quantized absmax (blocksize 64, nested blocksize 256), x is bf16.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -23,7 +24,6 @@
 
 #include "../cuda/lowbit_kernels.h"
 #include "bench_cuda.cuh"
-
 
 static const float kNf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
                                -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
@@ -144,7 +144,7 @@ int main(int argc, char** argv) {
     // NAME[/key=value...]: LOWBITPACK_NF4_SK=NAME and LOWBITPACK_NF4_SK_<KEY>=value (pdl, mode, pro, ...; unset
     // when not given), as bench/kernels.py --nf4-variants.
     std::string name = variants[vi];
-    for (const char* k : {"PDL", "MODE", "PRO"}) unsetenv((std::string("LOWBITPACK_NF4_SK_") + k).c_str());
+    for (const char* k : {"PDL", "MODE", "XSMEM"}) unsetenv((std::string("LOWBITPACK_NF4_SK_") + k).c_str());
     for (size_t slash; (slash = name.rfind('/')) != std::string::npos; name = name.substr(0, slash)) {
       std::string opt = name.substr(slash + 1), key = opt.substr(0, opt.find('='));
       for (char& c : key) c = static_cast<char>(toupper(c));
@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
     const lowbit::Nf4GemvPlan plan = lowbit::nf4_gemv_plan(p0, m, lowbit::kBF16, x);
     const auto launch = [&](int c) {
       const auto p = params(c);
-      if (plan.ok) return lowbit::nf4_gemv_sk(p, plan, x, m, lowbit::kBF16, y + 0, nullptr, nullptr, st);
+      if (plan.ok) return lowbit::nf4_gemv_sk(p, plan, x, m, lowbit::kBF16, y, nullptr, nullptr, st);
       return lowbit::nf4_gemv(p, x, m, lowbit::kBF16, y, st);
     };
     if (plan.ok && plan.partial_floats) {
