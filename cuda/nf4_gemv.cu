@@ -808,6 +808,9 @@ inline int sk_variant_smem(const SkVariant& v) {
 // A ring block of a 2-per-SM variant gets at most this much (half of sm_90's 228 KB, less the 1 KB reserved per
 // block); x is staged only when it fits in it.
 constexpr int kRing2Max = 113 * 1024;
+// A ring block of more than 6 stages asks for sm_90's opt-in maximum (227 KB): 8 stages of 16 warps take 181 KB
+// before x. The L1 cache then has ~29 KB left, so the plan takes them only where x is staged in shared memory.
+constexpr int kRing1Max = 227 * 1024;
 // The largest tile-absmax slot the ring form takes (16 rows x 256 blocks: 16384 columns at blocksize 64).
 constexpr int kRingTileAbsmaxMax = 4096;
 // Bytes of the ring form's two tile-absmax slots for a weight of `cols` columns (after the stages, before x).
@@ -818,6 +821,7 @@ inline int64_t ring_absmax_slots_bytes(const SkVariant& v, int64_t cols, int64_t
 // form's two tile-absmax slots).
 inline int sk_variant_smem_max(const SkVariant& v) {
   if (v.form == kNf4Ring && v.per_sm == 2) return kRing2Max;
+  if (v.form == kNf4Ring && v.stages > 6) return kRing1Max;
   return sk_variant_smem(v) + (v.form == kNf4Tile ? 0 : kSkXSmemMax) + (v.tile_absmax ? 2 * kRingTileAbsmaxMax : 0);
 }
 
@@ -872,6 +876,8 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2>;
   }
   if (v.per_sm != 1) return nullptr;
+  if (v.warps == 16 && v.stages == 8 && v.row_copies && !a)
+    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 8, kRingPF, kXSmem, 0, true>;
   if (v.warps == 16 && v.stages == 6 && v.row_copies) {
     if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true, 1, kA>;
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true>;
@@ -990,7 +996,8 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   // Which kernel runs, from the H100 measurements (docs/KERNELS.md, iterations 4 and 5), unless
   // LOWBITPACK_NF4_SK says (off: never; on: stream-K wherever it applies; tile<N>, w<W>g<G>pf<P> or
   // ring<W>s<S>[r]: that variant). For weights of >= 2^24 elements:
-  // - on sm_90, the ring form with per-row bulk copies (ring16s6r): 1 token 14336x4096 16.9 us against 25.8
+  // - on sm_90, the ring form with per-row bulk copies (ring16s6r; ring16s8r where x is small, see `deep`
+  //   below): 1 token 14336x4096 16.9 us against 25.8
   //   for the generic core, 4096x14336 15.8 against 20.7 for tile8, 32768x16384 120 against 138 for
   //   stream-K; 8 tokens within 1% of tile8 or faster. Below 2^25 elements, two blocks of 8 consumer warps
   //   per SM (ring8s6r2): 4096x4096 6.8 against 7.5 us (ring16s6r) at 1 token, 8.5 against 9.3 at 8;
@@ -1049,8 +1056,17 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   // Tile-absmax slots by default where they measured faster: with several tokens (14336x4096, 8 tokens: 18.8
   // against 21.2 us) and on the largest weights (32768x16384, 1 token: 114 against 119 us); at 1 token on mid-size
   // weights they were ~1% slower (16.1 against 15.9 us).
+  // Where x is at most 16 KB (1 token up to 8192 columns, 2 tokens up to 4096), 8 stages instead of 6 and no slots
+  // (14336x4096: 1 token 15.4-15.5 against 15.6-15.9 us, 2 tokens 15.6 against 15.8-16.0; docs/KERNELS.md, session
+  // 7). With larger x the 8 stages were slower (4096x14336, 1 token: 14.7 against 14.5; 4 tokens: 16.3-16.5 against
+  // 16.0-16.2).
+  const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
+  const bool x_off = xs && xs[0] == '0';
+  const bool deep = m * p.cols * 2 <= 16 * 1024 && numel < (int64_t(1) << 28) && !x_off;
   const bool slots = m >= 2 || numel >= (int64_t(1) << 28);
-  const SkVariant ring16 = ring_adapt(SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
+  const SkVariant ring16s8{16, 16, kRingPF, kNf4Ring, 8, true, 1, false};
+  const SkVariant ring16 = deep && ring_fits(ring16s8) ? ring16s8
+                                                       : ring_adapt(SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
   const SkVariant ring8x2 = ring_adapt(SkVariant{8, 8, kRingPF, kNf4Ring, 6, true, 2});
   const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = ring_adapt(parse_variant(mode));
@@ -1098,8 +1114,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   // 14336x4096, 1 token: 16.1 against 17.0 us back to back (docs/KERNELS.md, session 6).
   const char* pdl = std::getenv("LOWBITPACK_NF4_SK_PDL");
   plan.pdl = v.form == kNf4Ring && !(pdl && pdl[0] == '0');
-  const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
-  plan.x_smem = v.form != kNf4Tile && m * p.cols * 2 <= kSkXSmemMax && !(xs && xs[0] == '0') &&
+  plan.x_smem = v.form != kNf4Tile && m * p.cols * 2 <= kSkXSmemMax && !x_off &&
                 sk_variant_smem(v) + ring_absmax_slots_bytes(v, p.cols, p.blocksize) + m * p.cols * 2 <=
                     sk_variant_smem_max(v);
   // Only stream-K shares tiles between blocks.
