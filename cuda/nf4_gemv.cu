@@ -1065,8 +1065,8 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   const bool deep = m * p.cols * 2 <= 16 * 1024 && numel < (int64_t(1) << 28) && !x_off;
   const bool slots = m >= 2 || numel >= (int64_t(1) << 28);
   const SkVariant ring16s8{16, 16, kRingPF, kNf4Ring, 8, true, 1, false};
-  const SkVariant ring16 = deep && ring_fits(ring16s8) ? ring16s8
-                                                       : ring_adapt(SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
+  const SkVariant ring16s6 = ring_adapt(SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
+  const SkVariant ring16 = deep && ring_fits(ring16s8) ? ring16s8 : ring16s6;
   const SkVariant ring8x2 = ring_adapt(SkVariant{8, 8, kRingPF, kNf4Ring, 6, true, 2});
   const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = ring_adapt(parse_variant(mode));
