@@ -1,9 +1,9 @@
 // NF4 pair-table GEMV experiments without the torch extension (bench/gemv_exp.sh builds it; it runs on the GPU
 // machine as `build/gemv_exp/gemv_exp ROWS COLS M VARIANT[,VARIANT...]`).
 //
-// A VARIANT is LOWBITPACK_NF4_SK's value (cuda/nf4_gemv.cu: ring16s6r, ring16s6ra, tile8, off, ...) with optional
-// `/key=value` settings, LOWBITPACK_NF4_SK_<KEY>: `/pdl=0` (a plain launch instead of programmatic dependent
-// launch), `/mode=1|2` (the ring16s6[r] tuning builds), `/xsmem=0` (x in global memory). For each it prints
+// A VARIANT is LOWBITPACK_NF4_SK's value (cuda/nf4_gemv.cu: ring16s6r, ring16s6ra, tile8, off, ...; `default`
+// leaves it unset: the plan's choice) with optional `/key=value` settings, LOWBITPACK_NF4_SK_<KEY>: `/pdl=0` (a
+// plain launch instead of programmatic dependent launch), `/mode=1|2` (the ring16s6[r] tuning builds), `/xsmem=0` (x in global memory). For each it prints
 // the plan, checks the result against a float64 product of the weights the pair-table kernels multiply by
 // (r(quant_map[q]) in bf16, times the fp32 absmax) and bit for bit against the first variant, then times a CUDA
 // graph of back-to-back calls over rotating copies of the weight (L2 holds none of them): the same method as
@@ -68,6 +68,12 @@ __global__ void reference(const uint8_t* packed, const float* qm, const uint8_t*
     __syncthreads();
   }
 }
+
+#ifdef LOWBIT_RING_TRACE
+namespace lowbit {
+void ring_trace_dump(int blocks);  // cuda/nf4_gemv.cu, built with LOWBIT_RING_TRACE (bench/gemv_exp.sh trace)
+}
+#endif
 
 int main(int argc, char** argv) {
   const int64_t rows = argc > 1 ? atoll(argv[1]) : 14336, cols = argc > 2 ? atoll(argv[2]) : 4096;
@@ -150,7 +156,8 @@ int main(int argc, char** argv) {
       for (char& c : key) c = static_cast<char>(toupper(c));
       setenv(("LOWBITPACK_NF4_SK_" + key).c_str(), opt.substr(opt.find('=') + 1).c_str(), 1);
     }
-    setenv("LOWBITPACK_NF4_SK", name.c_str(), 1);
+    if (name == "default") unsetenv("LOWBITPACK_NF4_SK");  // the plan's own choice
+    else setenv("LOWBITPACK_NF4_SK", name.c_str(), 1);
     const auto p0 = params(0);
     const lowbit::Nf4GemvPlan plan = lowbit::nf4_gemv_plan(p0, m, lowbit::kBF16, x);
     const auto launch = [&](int c) {
@@ -199,6 +206,9 @@ int main(int argc, char** argv) {
     printf("%-22s form %d row-copies %d absmax-slots %d pdl %d blocks %d: %7.2f us (min %.2f max %.2f)  err %.2e  %s\n",
            variants[vi].c_str(), plan.form, plan.row_copies, plan.tile_absmax, plan.pdl, plan.blocks, ts[ts.size() / 2],
            ts.front(), ts.back(), err / ref_max, vi == 0 ? "(reference bits)" : same ? "same bits" : "BITS DIFFER");
+#ifdef LOWBIT_RING_TRACE
+    if (plan.ok && plan.form == lowbit::kNf4Ring) lowbit::ring_trace_dump(plan.blocks);
+#endif
     CK(cudaGraphExecDestroy(exec));
     CK(cudaGraphDestroy(graph));
   }

@@ -2,11 +2,17 @@
 # Builds bench/gemv_exp.cu (see its header) with the working tree's NF4 GEMV kernels (cuda/nf4_gemv.cu, cuda/nf4.cu)
 # into build/gemv_exp/, outside the torch extension. Then on the GPU machine:
 #   build/gemv_exp/gemv_exp ROWS COLS M VARIANT[,VARIANT...] [REPS]
+# `bash bench/gemv_exp.sh trace` builds build/gemv_trace/gemv_exp, which also prints where each ring launch's time
+# went (per-block clocks; cuda/nf4_gemv.cu LOWBIT_RING_TRACE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=build/gemv_exp
-mkdir -p "$out"
 NVCC="nvcc -O3 -arch=sm_90a -std=c++17"
+if [ "${1:-}" = trace ]; then  # per-block clocks of each ring launch, printed after its timing (slower)
+  out=build/gemv_trace
+  NVCC="$NVCC -DLOWBIT_RING_TRACE"
+fi
+mkdir -p "$out"
 $NVCC -I cuda -c cuda/nf4_gemv.cu -o "$out/nf4_gemv.o" &
 gemv=$!
 $NVCC -I cuda -c cuda/nf4.cu -o "$out/nf4.o" &

@@ -38,6 +38,7 @@
 // the 8 code bytes of columns [16t, 16t + 16) of both rows. mma j (0..3) takes bytes 2j (k slots 2t, 2t+1)
 // and 2j + 1 (k slots 2t+8, 2t+9), i.e. columns 16t + 4j .. +3, so all 16 k slots of an mma lie in one
 // sub-block; B is x's own consecutive pairs of the same columns.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -472,6 +473,15 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
+// __syncwarp, then lane 0 arrives on `bar`: one asm with a predicated arrive, so the compiler emits no branch
+// (and no reconvergence) around it.
+__device__ __forceinline__ void warp_arrive_lane0(uint32_t bar, int lane) {
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tbar.warp.sync -1;\n\tsetp.eq.u32 p, %1, 0;\n\t"
+      "@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}" ::"r"(bar),
+      "r"(lane)
+      : "memory");
+}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
 }
@@ -522,6 +532,25 @@ __device__ __forceinline__ uint32_t lds_u8(uint32_t addr) {
 __device__ __forceinline__ void grid_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void grid_wait_prerequisites() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 #endif  // LOWBIT_RING_ARCH
+
+// Tuning only (bench/gemv_exp.sh trace): per-block clocks of the ring kernel's last launch, read by
+// ring_trace_dump(). [0] globaltimer at entry, [1] at the end of consumer warp 0's loop; clock64 at [2] entry,
+// [3] after the grid wait, [4] tables ready, [5] loop end; [6] stages; [7] clocks consumer warp 0 waited on full
+// stages; [9] clocks the producer waited on empty ones; [8 + s] (s < 20) consumer warp 0 past stage s's wait;
+// [32 + s] the producer past stage s's empty wait.
+#ifdef LOWBIT_RING_TRACE
+constexpr int kTraceBlocks = 1024, kTraceSlots = 64;
+__device__ unsigned long long g_ring_trace[kTraceBlocks][kTraceSlots];
+__device__ __forceinline__ unsigned long long trace_gtime() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define RING_TRACE(i, v) \
+  do { if (blockIdx.x < kTraceBlocks) g_ring_trace[blockIdx.x][i] = (v); } while (0)
+#else
+#define RING_TRACE(i, v) do { } while (0)
+#endif
 
 // Shared memory of the ring form: the 32 KB pair table, the nested map, the two reduction buffers, the barriers
 // (kStages full and empty, then the two absmax slots' full and empty; padded to 128 bytes: tensor copies need
@@ -586,8 +615,16 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   // Programmatic dependent launch: the next kernel may take the SMs this grid leaves, and nothing in global
   // memory is touched before the kernels before this one are done (only the launch and the barrier set-up
   // overlap them).
+#ifdef LOWBIT_RING_TRACE
+  const unsigned long long tr_entry = clock64();
+  if (threadIdx.x == 0) { RING_TRACE(0, trace_gtime()); RING_TRACE(2, tr_entry); }
+  unsigned long long tr_wait = 0;
+#endif
   grid_launch_dependents();
   grid_wait_prerequisites();
+#ifdef LOWBIT_RING_TRACE
+  if (threadIdx.x == 0) RING_TRACE(3, clock64());
+#endif
 
   if (warp == kWarps) {
     // Producer: a stage is the chunk's bytes of the tile's (up to) 16 rows.
@@ -614,7 +651,18 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
           }
         }
       }
+#ifdef LOWBIT_RING_TRACE
+      const unsigned long long tp0 = clock64();
+#endif
       if (s >= kStages) mbar_wait(empty0 + 8 * slot, phase ^ 1);
+#ifdef LOWBIT_RING_TRACE
+      if (lane == 0) {
+        const unsigned long long tp1 = clock64();
+        tr_wait += tp1 - tp0;
+        if (s < 20) RING_TRACE(32 + s, tp1);
+        if (s + 1 == n_stages) RING_TRACE(9, tr_wait);
+      }
+#endif
       const uint32_t bar = full0 + 8 * slot, dst = ring0 + slot * kStageBytes;
       if constexpr (kRowCopies) {
         // The default (ring<W>s<S>r): one 1D bulk copy per row, lane r issuing row r's. The compiler serializes
@@ -664,8 +712,9 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   int f_chunk = 0, f_tile = tile0;
   uint32_t f_blk0 = row_block0(tile0, g), f_blk1 = row_block0(tile0, g + 8);
   const auto fetch_absmax = [&](SkRaw<kNested, kBs64>& r) {
-    const int it = iteration(f_chunk);
-    if (it < n_it) {
+    // A partial stage's iterations past the row fetch the row's last block instead (unused): no branch.
+    const int it = min(iteration(f_chunk), n_it - 1);
+    {
       const uint32_t b = static_cast<uint32_t>(it * 128) >> a.bs_shift;
       if constexpr (kTileAbsmax) {
         r.n[0] = __ldg(a.nested_absmax + ((f_blk0 + b) >> a.nbs_shift));
@@ -688,65 +737,89 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   sk_fill_shared<XT, kNested, 128, kWarps * 32>(threadIdx.x, smem, quant_map, nested_map, x, xs,
                                                 kXSmem ? static_cast<int>(m * a.cols / 8) : 0);
   named_barrier(1, kWarps * 32);  // the consumers' tables and x are ready (the producer is not waited for)
+#ifdef LOWBIT_RING_TRACE
+  if (threadIdx.x == 0) { RING_TRACE(4, clock64()); RING_TRACE(6, static_cast<unsigned long long>(n_stages)); }
+#endif
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int tile = tile0, chunk = 0, parity = 0, reducer = 0, slot = 0, phase = 0;
   const uint32_t amax_row = amax0 + g * row_blocks;  // kTileAbsmax: row g's codes in slot 0
-  for (int f = 0; f < n_stages; f += kPF + 1) {
-#pragma unroll
-    for (int u = 0; u <= kPF; ++u) {
-      const int s = f + u;
-      if (s < n_stages) {
-        if (s + kPF < n_stages) fetch_absmax(buf[(u + kPF) % (kPF + 1)]);
-        const int lt = tile - tile0;
-        if constexpr (kTileAbsmax) {
-          if (chunk == 0) mbar_wait(afull0 + 8 * (lt & 1), (lt >> 1) & 1);
-        }
-        if (kMode != 2) mbar_wait(full0 + 8 * slot, phase);
-        const bool active = iteration(chunk) < n_it;  // the tile's last stage may be partial
-        if (active) {
-          const uint32_t p = ring0 + slot * kStageBytes + g * kRowStride + 64 * warp + 8 * t;
-          buf[u].c[0][0] = lds_u64(p);
-          buf[u].c[0][1] = lds_u64(p + 32);
-          buf[u].c[1][0] = lds_u64(p + 8 * kRowStride);
-          buf[u].c[1][1] = lds_u64(p + 8 * kRowStride + 32);
-          if constexpr (kTileAbsmax) {
-            const uint32_t q = amax_row + (lt & 1) * amax_bytes + (static_cast<uint32_t>(iteration(chunk) * 128) >> a.bs_shift);
-            buf[u].s[0][0] = kBs64 ? lds_u16(q) : lds_u8(q);
-            buf[u].s[1][0] = kBs64 ? lds_u16(q + 8 * row_blocks) : lds_u8(q + 8 * row_blocks);
-          }
-        }
-        __syncwarp();
-        if (lane == 0 && kMode != 2) mbar_arrive(empty0 + 8 * slot);  // the codes are in registers: refill
-        if (active) W.compute(buf[u], iteration(chunk), acc);
-        if (++slot == kStages) {
-          slot = 0;
-          phase ^= 1;
-        }
-        if (++chunk == a.n_steps) {  // the tile's last stage: sum the warps' partial dot products
-          if constexpr (kTileAbsmax) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(aempty0 + 8 * (lt & 1));  // its absmax codes are in registers
-          }
-          red[(parity * kWarps + warp) * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-          named_barrier(2, kWarps * 32);
-          if (warp == reducer) {  // in warp order (deterministic); the task rotates so no warp falls behind
-            acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-            for (int w = 0; w < kWarps; ++w) {
-              const float4 v = red[(parity * kWarps + w) * 32 + lane];
-              acc[0] += v.x; acc[1] += v.y; acc[2] += v.z; acc[3] += v.w;
-            }
-            W.store_tile(tile, acc);
-          }
-          reducer = reducer == kWarps - 1 ? 0 : reducer + 1;
-          parity ^= 1;  // two buffers: a warp writes this one again only after the next barrier
-          acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-          chunk = 0;
-          ++tile;
-        }
+  // One stage: fetch the absmax kPF stages ahead (`fetch`), wait for the stage, load this warp's codes, release
+  // the stage, compute, and at a tile's last stage sum the warps' partial dot products.
+  const auto stage = [&](SkRaw<kNested, kBs64>& cur, SkRaw<kNested, kBs64>& ahead, int s, bool fetch) {
+    (void)s;  // the stage's index (trace builds)
+    if (fetch) fetch_absmax(ahead);
+    const int lt = tile - tile0;
+    if constexpr (kTileAbsmax) {
+      if (chunk == 0) mbar_wait(afull0 + 8 * (lt & 1), (lt >> 1) & 1);
+    }
+#ifdef LOWBIT_RING_TRACE
+    const unsigned long long tc0 = clock64();
+#endif
+    if (kMode != 2) mbar_wait(full0 + 8 * slot, phase);
+#ifdef LOWBIT_RING_TRACE
+    if (threadIdx.x == 0) {
+      const unsigned long long tc1 = clock64();
+      tr_wait += tc1 - tc0;
+      if (s < 20) RING_TRACE(8 + s, tc1);
+    }
+#endif
+    const bool active = iteration(chunk) < n_it;  // the tile's last stage may be partial
+    {  // an inactive iteration (a partial stage) loads bytes of its stage that it does not use: no branch
+      const uint32_t p = ring0 + slot * kStageBytes + g * kRowStride + 64 * warp + 8 * t;
+      cur.c[0][0] = lds_u64(p);
+      cur.c[0][1] = lds_u64(p + 32);
+      cur.c[1][0] = lds_u64(p + 8 * kRowStride);
+      cur.c[1][1] = lds_u64(p + 8 * kRowStride + 32);
+      if constexpr (kTileAbsmax) {
+        const int it = min(iteration(chunk), n_it - 1);  // inside the row's codes (and the slot)
+        const uint32_t q = amax_row + (lt & 1) * amax_bytes + (static_cast<uint32_t>(it * 128) >> a.bs_shift);
+        cur.s[0][0] = kBs64 ? lds_u16(q) : lds_u8(q);
+        cur.s[1][0] = kBs64 ? lds_u16(q + 8 * row_blocks) : lds_u8(q + 8 * row_blocks);
       }
     }
+    // The codes are in registers: lane 0 releases the stage once the warp's loads are issued (one predicated
+    // arrive in the same asm as the warp barrier, so no branch).
+    if (kMode != 2) warp_arrive_lane0(empty0 + 8 * slot, lane);
+    if (active) W.compute(cur, iteration(chunk), acc);
+    if (++slot == kStages) {
+      slot = 0;
+      phase ^= 1;
+    }
+    if (++chunk == a.n_steps) {  // the tile's last stage: sum the warps' partial dot products
+      if constexpr (kTileAbsmax) warp_arrive_lane0(aempty0 + 8 * (lt & 1), lane);  // its absmax codes are read
+      red[(parity * kWarps + warp) * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      named_barrier(2, kWarps * 32);
+      if (warp == reducer) {  // in warp order (deterministic); the task rotates so no warp falls behind
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+        for (int w = 0; w < kWarps; ++w) {
+          const float4 v = red[(parity * kWarps + w) * 32 + lane];
+          acc[0] += v.x; acc[1] += v.y; acc[2] += v.z; acc[3] += v.w;
+        }
+        W.store_tile(tile, acc);
+      }
+      reducer = reducer == kWarps - 1 ? 0 : reducer + 1;
+      parity ^= 1;  // two buffers: a warp writes this one again only after the next barrier
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      chunk = 0;
+      ++tile;
+    }
+  };
+  // Rounds of kPF + 1 stages (the absmax ring's length, so its slots are fixed registers). Every round but the
+  // last one or two has all its stages and fetches ahead in each: that loop has no per-stage checks.
+  for (int f = 0; f < n_stages; f += kPF + 1) {
+    if (f + 2 * kPF < n_stages) {
+#pragma unroll
+      for (int u = 0; u <= kPF; ++u) stage(buf[u], buf[(u + kPF) % (kPF + 1)], f + u, true);
+    } else {
+#pragma unroll
+      for (int u = 0; u <= kPF; ++u)
+        if (f + u < n_stages) stage(buf[u], buf[(u + kPF) % (kPF + 1)], f + u, f + u + kPF < n_stages);
+    }
   }
+#ifdef LOWBIT_RING_TRACE
+  if (threadIdx.x == 0) { RING_TRACE(5, clock64()); RING_TRACE(7, tr_wait); RING_TRACE(1, trace_gtime()); }
+#endif
 #endif
 }
 
@@ -808,8 +881,8 @@ inline int sk_variant_smem(const SkVariant& v) {
 // A ring block of a 2-per-SM variant gets at most this much (half of sm_90's 228 KB, less the 1 KB reserved per
 // block); x is staged only when it fits in it.
 constexpr int kRing2Max = 113 * 1024;
-// A ring block of more than 6 stages asks for sm_90's opt-in maximum (227 KB): 8 stages of 16 warps take 181 KB
-// before x. The L1 cache then has ~29 KB left, so the plan takes them only where x is staged in shared memory.
+// A ring block of more than 6 stages (ring16s8r, a tuning variant) asks for sm_90's opt-in maximum (227 KB): 8 stages
+// of 16 warps take 181 KB before x, which leaves L1 ~29 KB.
 constexpr int kRing1Max = 227 * 1024;
 // The largest tile-absmax slot the ring form takes (16 rows x 256 blocks: 16384 columns at blocksize 64).
 constexpr int kRingTileAbsmaxMax = 4096;
@@ -996,8 +1069,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   // Which kernel runs, from the H100 measurements (docs/KERNELS.md, iterations 4 and 5), unless
   // LOWBITPACK_NF4_SK says (off: never; on: stream-K wherever it applies; tile<N>, w<W>g<G>pf<P> or
   // ring<W>s<S>[r]: that variant). For weights of >= 2^24 elements:
-  // - on sm_90, the ring form with per-row bulk copies (ring16s6r; ring16s8r where x is small, see `deep`
-  //   below): 1 token 14336x4096 16.9 us against 25.8
+  // - on sm_90, the ring form with per-row bulk copies (ring16s6r): 1 token 14336x4096 16.9 us against 25.8
   //   for the generic core, 4096x14336 15.8 against 20.7 for tile8, 32768x16384 120 against 138 for
   //   stream-K; 8 tokens within 1% of tile8 or faster. Below 2^25 elements, two blocks of 8 consumer warps
   //   per SM (ring8s6r2): 4096x4096 6.8 against 7.5 us (ring16s6r) at 1 token, 8.5 against 9.3 at 8;
@@ -1053,20 +1125,15 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
            p.rows >= 16 &&
            p.cols / 2 >= 64 * r.warps + kRingRowPad && smem_of[dev] >= sk_variant_smem_max(r);
   };
-  // Tile-absmax slots by default where they measured faster: with several tokens (14336x4096, 8 tokens: 18.8
-  // against 21.2 us) and on the largest weights (32768x16384, 1 token: 114 against 119 us); at 1 token on mid-size
-  // weights they were ~1% slower (16.1 against 15.9 us).
-  // Where x is at most 16 KB (1 token up to 8192 columns, 2 tokens up to 4096), 8 stages instead of 6 and no slots
-  // (14336x4096: 1 token 15.4-15.5 against 15.6-15.9 us, 2 tokens 15.6 against 15.8-16.0; docs/KERNELS.md, session
-  // 7). With larger x the 8 stages were slower (4096x14336, 1 token: 14.7 against 14.5; 4 tokens: 16.3-16.5 against
-  // 16.0-16.2).
+  // Tile-absmax slots by default where they measured faster (docs/KERNELS.md, session 7).
+  // Since the consumer loop lost its per-stage branches (session 7), the slots pay only with several tokens and x
+  // over 16 KB (4096x14336, 2 tokens: 14.7 against 17.4 us; 8 tokens 17.6 against 19.6; 14336x4096, 8 tokens:
+  // 18.4 against 19.0), not with x of 16 KB (14336x4096, 2 tokens: 15.9 against 15.6) or 1 token (32768x16384:
+  // 113.3 against 112.3).
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
   const bool x_off = xs && xs[0] == '0';
-  const bool deep = m * p.cols * 2 <= 16 * 1024 && numel < (int64_t(1) << 28) && !x_off;
-  const bool slots = m >= 2 || numel >= (int64_t(1) << 28);
-  const SkVariant ring16s8{16, 16, kRingPF, kNf4Ring, 8, true, 1, false};
-  const SkVariant ring16s6 = ring_adapt(SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
-  const SkVariant ring16 = deep && ring_fits(ring16s8) ? ring16s8 : ring16s6;
+  const bool slots = m >= 2 && m * p.cols * 2 > 16 * 1024;
+  const SkVariant ring16 = ring_adapt(SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
   const SkVariant ring8x2 = ring_adapt(SkVariant{8, 8, kRingPF, kNf4Ring, 6, true, 2});
   const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = ring_adapt(parse_variant(mode));
@@ -1130,4 +1197,36 @@ cudaError_t nf4_gemv_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void*
   return run_sk_dtype<__half>(p, plan, x, static_cast<int>(m), y, partials, counters, stream);
 }
 
+#ifdef LOWBIT_RING_TRACE
+// Summary of the ring kernel's last launch (tuning: bench/gemv_exp.sh trace).
+void ring_trace_dump(int blocks) {
+  static unsigned long long h[kTraceBlocks][kTraceSlots];
+  if (cudaMemcpyFromSymbol(h, g_ring_trace, sizeof(h)) != cudaSuccess) return;
+  blocks = blocks < kTraceBlocks ? blocks : kTraceBlocks;
+  unsigned long long g0 = ~0ull, g1 = 0, g1min = ~0ull;
+  double wait = 0, first = 0, tables = 0, loop = 0, cwait = 0, pwait = 0;
+  for (int b = 0; b < blocks; ++b) {
+    g0 = std::min(g0, h[b][0]);
+    g1 = std::max(g1, h[b][1]);
+    g1min = std::min(g1min, h[b][1]);
+    wait += h[b][3] - h[b][2];
+    tables += h[b][4] - h[b][3];
+    first += h[b][8] - h[b][3];
+    loop += h[b][5] - h[b][8];
+    cwait += h[b][7];
+    pwait += h[b][9];
+  }
+  std::printf("  trace (%d blocks, clocks, means): entry->wait done %.0f, wait->tables %.0f, wait->first stage %.0f, "
+              "first stage->loop end %.0f; consumer warp 0 waited %.0f on full stages, the producer %.0f on empty ones; "
+              "globaltimer: first entry to last loop end %.2f us, loop ends spread %.2f us\n",
+              blocks, wait / blocks, tables / blocks, first / blocks, loop / blocks, cwait / blocks, pwait / blocks,
+              (g1 - g0) / 1e3, (g1 - g1min) / 1e3);
+  std::printf("  block 0, %llu stages: consumer past stage s's wait (from the first), producer past stage s's empty "
+              "wait:\n   ", h[0][6]);
+  for (int i = 0; i < 20 && i < static_cast<int>(h[0][6]); ++i) std::printf(" %lld", (long long)(h[0][8 + i] - h[0][8]));
+  std::printf("\n   ");
+  for (int i = 0; i < 20 && i < static_cast<int>(h[0][6]); ++i) std::printf(" %lld", (long long)(h[0][32 + i] - h[0][8]));
+  std::printf("\n");
+}
+#endif
 }  // namespace lowbit
