@@ -470,9 +470,6 @@ constexpr int kRingPF = 3;
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
 // __syncwarp, then lane 0 arrives on `bar`: one asm with a predicated arrive, so the compiler emits no branch
 // (and no reconvergence) around it.
 __device__ __forceinline__ void warp_arrive_lane0(uint32_t bar, int lane) {
