@@ -458,8 +458,10 @@ __global__ void __launch_bounds__(kWarps * 32, kTile ? 512 / (kWarps * 32) : 1)
 // leave the pad alone; the tensor-copy variant fills it with the same copy (its box is 32 bytes wider than
 // the chunk: the next chunk's first bytes, or zeros past the row's end), so its stage is one copy.
 constexpr int kRingRowPad = 32;
-// Stages whose absmax bits each consumer warp fetches ahead (registers; the codes come through the ring).
-constexpr int kRingPF = 3;
+// Stages whose absmax bits each consumer warp fetches ahead (registers; the codes come through the ring). 4 measured
+// best with the branch-free loop (14336x4096, 1 token: 15.3 against 15.4-15.5 us for 3; 2 and 1: 15.6 and 16.1;
+// 5: 16.4; docs/KERNELS.md, session 7).
+constexpr int kRingPF = 4;
 
 // mbarrier, bulk-copy and grid-dependency primitives. sm_90+ only: the plan never picks the ring form below
 // that, and the kernel body compiles to a trap there, so they are only defined for sm_90+ device code.
