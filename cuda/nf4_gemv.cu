@@ -858,10 +858,13 @@ inline SkVariant parse_variant(const std::string& mode) {
   int n = 0;
   if (std::sscanf(mode.c_str(), "ring%ds%d%n", &w, &st, &n) == 2) {  // ring<warps>s<stages>[r[2]][a]
     SkVariant r{w, w, kRingPF, kNf4Ring, st};
-    for (const char c : mode.substr(static_cast<size_t>(n))) {
+    const std::string opts = mode.substr(static_cast<size_t>(n));
+    for (size_t i = 0; i < opts.size(); ++i) {
+      const char c = opts[i];
       if (c == 'r') r.row_copies = true;
       else if (c == '2') r.per_sm = 2;
       else if (c == 'a') r.tile_absmax = true;
+      else if (c == 'p' && i + 1 < opts.size()) r.pf = opts[++i] - '0';  // p<N>: absmax N stages ahead (tuning)
       else return kSkDefault;
     }
     return r;
@@ -950,6 +953,11 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   if (v.per_sm != 1) return nullptr;
   if (v.warps == 16 && v.stages == 8 && v.row_copies && !a)
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 8, kRingPF, kXSmem, 0, true>;
+  if (v.pf != kRingPF) {  // ring16s6r[a]p3: the previous prefetch distance (tuning)
+    if (v.warps != 16 || v.stages != 6 || !v.row_copies || v.pf != 3) return nullptr;
+    if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 3, kXSmem, 0, true, 1, kA>;
+    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 3, kXSmem, 0, true>;
+  }
   if (v.warps == 16 && v.stages == 6 && v.row_copies) {
     if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true, 1, kA>;
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true>;
