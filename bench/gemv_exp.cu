@@ -1,14 +1,14 @@
 // NF4 pair-table GEMV experiments without the torch extension (bench/gemv_exp.sh builds it; it runs on the GPU
 // machine as `build/gemv_exp/gemv_exp ROWS COLS M VARIANT[,VARIANT...]`).
 //
-// A VARIANT is LOWBITPACK_NF4_SK's value (cuda/nf4_gemv.cu: ring16s6r, ring16s6ra, tile8, off, ...; `default`
-// leaves it unset: the plan's choice) with optional `/key=value` settings, LOWBITPACK_NF4_SK_<KEY>: `/pdl=0` (a
-// plain launch instead of programmatic dependent launch), `/mode=1|2` (the ring16s6[r] tuning builds), `/xsmem=0` (x in global memory). For each it prints
-// the plan, checks the result against a float64 product of the weights the pair-table kernels multiply by
-// (r(quant_map[q]) in bf16, times the fp32 absmax) and bit for bit against the first variant, then times a CUDA
-// graph of back-to-back calls over rotating copies of the weight (L2 holds none of them): the same method as
-// bench/kernels.py. Weights are random NF4 codes with
-// double-quantized absmax (blocksize 64, nested blocksize 256), x is bf16.
+// A VARIANT is LOWBITPACK_NF4_SK's value (cuda/nf4_gemv.cu: ring16s6r, ring16s6ra, tile8, off, ...; `default` leaves it
+// unset: the plan's choice) with optional `/key=value` settings, LOWBITPACK_NF4_SK_<KEY>: `/pdl=0` (a plain launch
+// instead of programmatic dependent launch), `/mode=1|2` (the ring16s6[r] tuning builds), `/xsmem=0` (x in global
+// memory). For each it prints the plan, checks the result against a float64 product of the weights the pair-table
+// kernels multiply by (r(quant_map[q]) in bf16, times the fp32 absmax) and bit for bit against the first variant, then
+// times a CUDA graph of back-to-back calls over rotating copies of the weight (L2 holds none of them): the same method
+// as bench/kernels.py. Weights are random NF4 codes with double-quantized absmax (blocksize 64, nested blocksize 256),
+// x is bf16.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

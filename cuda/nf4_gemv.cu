@@ -535,7 +535,7 @@ __device__ __forceinline__ void grid_wait_prerequisites() { asm volatile("gridde
 // Tuning only (bench/gemv_exp.sh trace): per-block clocks of the ring kernel's last launch, read by
 // ring_trace_dump(). [0] globaltimer at entry, [1] at the end of consumer warp 0's loop; clock64 at [2] entry,
 // [3] after the grid wait, [4] tables ready, [5] loop end; [6] stages; [7] clocks consumer warp 0 waited on full
-// stages; [9] clocks the producer waited on empty ones; [8 + s] (s < 20) consumer warp 0 past stage s's wait;
+// stages; [60] clocks the producer waited on empty ones; [8 + s] (s < 20) consumer warp 0 past stage s's wait;
 // [32 + s] the producer past stage s's empty wait.
 #ifdef LOWBIT_RING_TRACE
 constexpr int kTraceBlocks = 1024, kTraceSlots = 64;
@@ -659,7 +659,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
         const unsigned long long tp1 = clock64();
         tr_wait += tp1 - tp0;
         if (s < 20) RING_TRACE(32 + s, tp1);
-        if (s + 1 == n_stages) RING_TRACE(9, tr_wait);
+        if (s + 1 == n_stages) RING_TRACE(60, tr_wait);
       }
 #endif
       const uint32_t bar = full0 + 8 * slot, dst = ring0 + slot * kStageBytes;
@@ -1132,11 +1132,10 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
            p.rows >= 16 &&
            p.cols / 2 >= 64 * r.warps + kRingRowPad && smem_of[dev] >= sk_variant_smem_max(r);
   };
-  // Tile-absmax slots by default where they measured faster (docs/KERNELS.md, session 7).
-  // Since the consumer loop lost its per-stage branches (session 7), the slots pay only with several tokens and x
-  // over 16 KB (4096x14336, 2 tokens: 14.7 against 17.4 us; 8 tokens 17.6 against 19.6; 14336x4096, 8 tokens:
-  // 18.4 against 19.0), not with x of 16 KB (14336x4096, 2 tokens: 15.9 against 15.6) or 1 token (32768x16384:
-  // 113.3 against 112.3).
+  // Tile-absmax slots where they measured faster. Since the consumer loop lost its per-stage branches
+  // (docs/KERNELS.md, session 7), they pay only with several tokens and x over 16 KB (4096x14336, 2 tokens: 14.7
+  // against 17.4 us; 8 tokens 17.6 against 19.6; 14336x4096, 8 tokens: 18.4 against 19.0), not with x of 16 KB
+  // (14336x4096, 2 tokens: 15.9 against 15.6) or 1 token (32768x16384: 113.3 against 112.3).
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
   const bool x_off = xs && xs[0] == '0';
   const bool slots = m >= 2 && m * p.cols * 2 > 16 * 1024;
@@ -1221,18 +1220,19 @@ void ring_trace_dump(int blocks) {
     first += h[b][8] - h[b][3];
     loop += h[b][5] - h[b][8];
     cwait += h[b][7];
-    pwait += h[b][9];
+    pwait += h[b][60];
   }
   std::printf("  trace (%d blocks, clocks, means): entry->wait done %.0f, wait->tables %.0f, wait->first stage %.0f, "
-              "first stage->loop end %.0f; consumer warp 0 waited %.0f on full stages, the producer %.0f on empty ones; "
-              "globaltimer: first entry to last loop end %.2f us, loop ends spread %.2f us\n",
+              "first stage->loop end %.0f; consumer warp 0 waited %.0f on full stages, the producer %.0f on empty "
+              "ones; globaltimer: first entry to last loop end %.2f us, loop ends spread %.2f us\n",
               blocks, wait / blocks, tables / blocks, first / blocks, loop / blocks, cwait / blocks, pwait / blocks,
               (g1 - g0) / 1e3, (g1 - g1min) / 1e3);
   std::printf("  block 0, %llu stages: consumer past stage s's wait (from the first), producer past stage s's empty "
               "wait:\n   ", h[0][6]);
-  for (int i = 0; i < 20 && i < static_cast<int>(h[0][6]); ++i) std::printf(" %lld", (long long)(h[0][8 + i] - h[0][8]));
+  const int shown = std::min(20, static_cast<int>(h[0][6]));
+  for (int i = 0; i < shown; ++i) std::printf(" %lld", static_cast<long long>(h[0][8 + i] - h[0][8]));
   std::printf("\n   ");
-  for (int i = 0; i < 20 && i < static_cast<int>(h[0][6]); ++i) std::printf(" %lld", (long long)(h[0][32 + i] - h[0][8]));
+  for (int i = 0; i < shown; ++i) std::printf(" %lld", static_cast<long long>(h[0][32 + i] - h[0][8]));
   std::printf("\n");
 }
 #endif
