@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   for (size_t vi = 0; vi < variants.size(); ++vi) {
-    // NAME[/key=value...]: LOWBITPACK_NF4_SK=NAME and LOWBITPACK_NF4_SK_<KEY>=value (pdl, mode, pro, ...; unset
+    // NAME[/key=value...]: LOWBITPACK_NF4_SK=NAME and LOWBITPACK_NF4_SK_<KEY>=value (pdl, mode, xsmem; unset
     // when not given), as bench/kernels.py --nf4-variants.
     std::string name = variants[vi];
     for (const char* k : {"PDL", "MODE", "XSMEM"}) unsetenv((std::string("LOWBITPACK_NF4_SK_") + k).c_str());
@@ -209,6 +209,8 @@ int main(int argc, char** argv) {
 #ifdef LOWBIT_RING_TRACE
     if (plan.ok && plan.form == lowbit::kNf4Ring) lowbit::ring_trace_dump(plan.blocks);
 #endif
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
     CK(cudaGraphExecDestroy(exec));
     CK(cudaGraphDestroy(graph));
   }

@@ -564,8 +564,7 @@ __host__ __device__ constexpr int ring_smem(int warps, int stages) {
 }
 // kTileAbsmax: a tile's absmax codes (16 rows x cols / blocksize bytes, contiguous) come in one bulk copy into
 // one of two slots when the producer starts the tile, instead of each consumer warp fetching its own from global
-// memory at every stage (8 tokens, 14336x4096: 21.2 -> 18.8 us; ~1% slower at 1 token, so the plan uses them for
-// m >= 2 and the largest weights).
+// memory at every stage (8 tokens, 14336x4096: 21.2 -> 18.8 us). The plan uses them where they pay (nf4_gemv_plan).
 inline int64_t ring_tile_absmax_bytes(int64_t cols, int64_t blocksize) { return 16 * (cols / blocksize); }
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6 or ring16s6r): 0 = the kernel; 1 = no decode (the
@@ -713,15 +712,13 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   const auto fetch_absmax = [&](SkRaw<kNested, kBs64>& r) {
     // A partial stage's iterations past the row fetch the row's last block instead (unused): no branch.
     const int it = min(iteration(f_chunk), n_it - 1);
-    {
-      const uint32_t b = static_cast<uint32_t>(it * 128) >> a.bs_shift;
-      if constexpr (kTileAbsmax) {
-        r.n[0] = __ldg(a.nested_absmax + ((f_blk0 + b) >> a.nbs_shift));
-        r.n[1] = __ldg(a.nested_absmax + ((f_blk1 + b) >> a.nbs_shift));
-      } else {
-        W.fetch_absmax(f_blk0 + b, 0, r);
-        W.fetch_absmax(f_blk1 + b, 1, r);
-      }
+    const uint32_t b = static_cast<uint32_t>(it * 128) >> a.bs_shift;
+    if constexpr (kTileAbsmax) {
+      r.n[0] = __ldg(a.nested_absmax + ((f_blk0 + b) >> a.nbs_shift));
+      r.n[1] = __ldg(a.nested_absmax + ((f_blk1 + b) >> a.nbs_shift));
+    } else {
+      W.fetch_absmax(f_blk0 + b, 0, r);
+      W.fetch_absmax(f_blk1 + b, 1, r);
     }
     if (++f_chunk == a.n_steps) {
       f_chunk = 0;
@@ -929,6 +926,15 @@ using RingKernel = void (*)(const SkArgs<kNested, kBs64>, const CUtensorMap, con
 template <typename XT, bool kNested, bool kBs64, bool kXSmem>
 RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   if (v.form != kNf4Ring) return nullptr;
+  // Tile-absmax slots hold nested codes only; the plan drops `a` for plain absmax, so kA is never instantiated
+  // with kNested false.
+  constexpr bool kA = kNested;
+  const bool a = v.tile_absmax && kNested;
+  if (v.pf != kRingPF) {  // ring16s6r[a]p3, the previous absmax prefetch distance (tuning); no other build takes p<N>
+    if (v.pf != 3 || v.warps != 16 || v.stages != 6 || !v.row_copies || v.per_sm != 1) return nullptr;
+    if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 3, kXSmem, 0, true, 1, kA>;
+    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 3, kXSmem, 0, true>;
+  }
   if constexpr (kNested && kBs64) {
     const char* mode = std::getenv("LOWBITPACK_NF4_SK_MODE");
     const bool plain = !v.row_copies && v.per_sm == 1 && !v.tile_absmax;
@@ -942,10 +948,6 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
     if (mode && mode[0] == '2' && v.warps == 16 && v.stages == 6 && rows)
       return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 2, true>;
   }
-  // Tile-absmax slots hold nested codes only; the plan drops `a` for plain absmax, so kA is never instantiated
-  // with kNested false.
-  constexpr bool kA = kNested;
-  const bool a = v.tile_absmax && kNested;
   if (v.warps == 8 && v.stages == 6 && v.row_copies && v.per_sm == 2) {
     if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2, kA>;
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2>;
@@ -953,11 +955,6 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   if (v.per_sm != 1) return nullptr;
   if (v.warps == 16 && v.stages == 8 && v.row_copies && !a)
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 8, kRingPF, kXSmem, 0, true>;
-  if (v.pf != kRingPF) {  // ring16s6r[a]p3: the previous prefetch distance (tuning)
-    if (v.warps != 16 || v.stages != 6 || !v.row_copies || v.pf != 3) return nullptr;
-    if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 3, kXSmem, 0, true, 1, kA>;
-    return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 3, kXSmem, 0, true>;
-  }
   if (v.warps == 16 && v.stages == 6 && v.row_copies) {
     if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true, 1, kA>;
     return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true>;
