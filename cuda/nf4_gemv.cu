@@ -582,7 +582,10 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   constexpr int kRowBytes = 64 * kWarps, kRowStride = kRowBytes + kRingRowPad;
   constexpr int kStageBytes = ring_stage_bytes(kWarps);
   extern __shared__ __align__(16) uint8_t smem[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // The producer is the block's first warp (warp -1 here), the consumers warps 0 .. kWarps - 1: the warp schedulers
+  // favour older warps, and the producer's copy loop is latency-bound, so issuing it first keeps the stages coming
+  // (14336x4096, 1 token: 15.02-15.13 against 15.25-15.36 us as the last warp; docs/KERNELS.md, session 8).
+  const int lane = threadIdx.x & 31, warp = static_cast<int>(threadIdx.x >> 5) - 1, g = lane >> 2, t = lane & 3;
   float4* const red = reinterpret_cast<float4*>(smem + 256 * 128 + 256 * 4);  // [2][kWarps][32]
   uint8_t* const bars = reinterpret_cast<uint8_t*>(red + 2 * kWarps * 32);   // full[kStages], empty[kStages], ...
   uint8_t* const ring = smem + ring_head_bytes(kWarps, kStages);
@@ -624,7 +627,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   if (threadIdx.x == 0) RING_TRACE(3, clock64());
 #endif
 
-  if (warp == kWarps) {
+  if (warp < 0) {
     // Producer: a stage is the chunk's bytes of the tile's (up to) 16 rows.
     if (kMode == 2) return;
     if constexpr (!kRowCopies) {
@@ -730,11 +733,11 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
 #pragma unroll
   for (int i = 0; i < kPF; ++i)
     if (i < n_stages) fetch_absmax(buf[i]);
-  sk_fill_shared<XT, kNested, 128, kWarps * 32>(threadIdx.x, smem, quant_map, nested_map, x, xs,
+  sk_fill_shared<XT, kNested, 128, kWarps * 32>(warp * 32 + lane, smem, quant_map, nested_map, x, xs,
                                                 kXSmem ? static_cast<int>(m * a.cols / 8) : 0);
   named_barrier(1, kWarps * 32);  // the consumers' tables and x are ready (the producer is not waited for)
 #ifdef LOWBIT_RING_TRACE
-  if (threadIdx.x == 0) { RING_TRACE(4, clock64()); RING_TRACE(6, static_cast<unsigned long long>(n_stages)); }
+  if (warp == 0 && lane == 0) { RING_TRACE(4, clock64()); RING_TRACE(6, static_cast<unsigned long long>(n_stages)); }
 #endif
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -754,7 +757,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
 #endif
     if (kMode != 2) mbar_wait(full0 + 8 * slot, phase);
 #ifdef LOWBIT_RING_TRACE
-    if (threadIdx.x == 0) {
+    if (warp == 0 && lane == 0) {
       const unsigned long long tc1 = clock64();
       tr_wait += tc1 - tc0;
       if (s < 20) RING_TRACE(8 + s, tc1);
@@ -814,7 +817,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
     }
   }
 #ifdef LOWBIT_RING_TRACE
-  if (threadIdx.x == 0) { RING_TRACE(5, clock64()); RING_TRACE(7, tr_wait); RING_TRACE(1, trace_gtime()); }
+  if (warp == 0 && lane == 0) { RING_TRACE(5, clock64()); RING_TRACE(7, tr_wait); RING_TRACE(1, trace_gtime()); }
 #endif
 #endif
 }
