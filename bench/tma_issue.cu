@@ -1,14 +1,16 @@
 // What a bulk copy (cp.async.bulk, the ring GEMV's producer) costs to issue and to land, by copy size and by how
 // many SMs copy at once (bench/tma_issue.cu; sm_90):
 //   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/tma_issue bench/tma_issue.cu && /tmp/tma_issue
-// One warp per block issues N copies of S bytes, each from its own row (rows 8 KB apart, as the 14336x4096 GEMV's
-// rows are 2 KB apart and a stage takes 1 KB of 16 of them), into shared memory, completing on one mbarrier.
+// One warp per block issues N copies of S bytes into shared memory, completing on one mbarrier. Each copy reads its
+// own row of a row-major buffer (rows 8 KB apart), like the ring producer's row copies (at 14336x4096 a stage is
+// 1 KB of each of 16 rows 2 KB apart).
 // Per block it stamps clock64 before the first copy, after the last one is issued, and when the barrier completes;
 // the table gives the means over blocks. Every launch reads a fresh 64 MB region (L2 holds none of it).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #define CK(x)                                                                       \
