@@ -559,8 +559,11 @@ __host__ __device__ constexpr int ring_bars_bytes(int stages) { return (16 * sta
 __host__ __device__ constexpr int ring_head_bytes(int warps, int stages) {
   return 256 * 128 + 256 * 4 + 2 * warps * 32 * 16 + ring_bars_bytes(stages);
 }
-__host__ __device__ constexpr int ring_smem(int warps, int stages) {
-  return ring_head_bytes(warps, stages) + stages * ring_stage_bytes(warps);
+// kAmaxWarp: each stage's fp32 absmax, [iteration][g][row g sub-block A, B; row g + 8 A, B] (16 bytes an (iteration,
+// g): one conflict-free LDS.128 a lane), written by the absmax warp.
+__host__ __device__ constexpr int ring_amax_stage_bytes(int iterations) { return iterations * 8 * 16; }
+__host__ __device__ constexpr int ring_smem(int warps, int stages, bool amax_warp = false) {
+  return ring_head_bytes(warps, stages) + stages * (ring_stage_bytes(warps) + (amax_warp ? ring_amax_stage_bytes(warps) : 0));
 }
 // kTileAbsmax: a tile's absmax codes (16 rows x cols / blocksize bytes, contiguous) come in one bulk copy into
 // one of two slots when the producer starts the tile, instead of each consumer warp fetching its own from global
@@ -569,9 +572,11 @@ inline int64_t ring_tile_absmax_bytes(int64_t cols, int64_t blocksize) { return 
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6 or ring16s6r): 0 = the kernel; 1 = no decode (the
 // pipeline alone: copies, waits, code reads); 2 = no copies and no waits (the consumers' decode and mma alone).
+// kAmaxWarp: a second helper warp (after the producer) computes each stage's fp32 absmax into shared memory (the
+// stage's full barrier then waits for its arrival too), so the consumers fetch and decode no absmax.
 template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kPF, bool kXSmem, int kMode = 0,
-          bool kRowCopies = false, int kPerSM = 1, bool kTileAbsmax = false>
-__global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
+          bool kRowCopies = false, int kPerSM = 1, bool kTileAbsmax = false, bool kAmaxWarp = false>
+__global__ void __launch_bounds__((kWarps + 1 + (kAmaxWarp ? 1 : 0)) * 32, kPerSM)
     nf4_gemv_ring_kernel(const SkArgs<kNested, kBs64> a, const __grid_constant__ CUtensorMap codes_map,
                          const float* __restrict__ quant_map,
                          const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
@@ -585,13 +590,17 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   // The producer is the block's first warp (warp -1 here), the consumers warps 0 .. kWarps - 1: the warp schedulers
   // favour older warps, and the producer's copy loop is latency-bound, so issuing it first keeps the stages coming
   // (14336x4096, 1 token: 15.02-15.13 against 15.25-15.36 us as the last warp; docs/KERNELS.md, session 8).
-  const int lane = threadIdx.x & 31, warp = static_cast<int>(threadIdx.x >> 5) - 1, g = lane >> 2, t = lane & 3;
+  static_assert(!(kTileAbsmax && kAmaxWarp), "one absmax source");
+  constexpr int kHelpers = kAmaxWarp ? 2 : 1;  // the producer, then the absmax warp
+  const int lane = threadIdx.x & 31, warp = static_cast<int>(threadIdx.x >> 5) - kHelpers, g = lane >> 2, t = lane & 3;
   float4* const red = reinterpret_cast<float4*>(smem + 256 * 128 + 256 * 4);  // [2][kWarps][32]
   uint8_t* const bars = reinterpret_cast<uint8_t*>(red + 2 * kWarps * 32);   // full[kStages], empty[kStages], ...
   uint8_t* const ring = smem + ring_head_bytes(kWarps, kStages);
   const uint32_t row_blocks = static_cast<uint32_t>(a.cols >> a.bs_shift);
   const uint32_t amax_bytes = kTileAbsmax ? 16u * row_blocks : 0u;  // a multiple of 16 (cols % 128 == 0)
-  uint8_t* const amax_slots = ring + kStages * kStageBytes;
+  constexpr int kAmaxStageBytes = kAmaxWarp ? ring_amax_stage_bytes(kWarps) : 0;
+  uint8_t* const amax_stages = ring + kStages * kStageBytes;  // kAmaxWarp
+  uint8_t* const amax_slots = amax_stages + kStages * kAmaxStageBytes;
   XT* const xs = reinterpret_cast<XT*>(amax_slots + 2 * amax_bytes);
   static_assert(kStageBytes % 128 == 0 && (kRowBytes + kRingRowPad) / 8 <= 256, "tensor-copy box limits");
   const uint32_t full0 = smem_addr(bars), empty0 = full0 + 8 * kStages, ring0 = smem_addr(ring);
@@ -603,7 +612,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   const int64_t row_bytes = a.cols >> 1;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(full0 + 8 * i, 1);            // the producer's arrive (plus the copies' bytes)
+      mbar_init(full0 + 8 * i, kAmaxWarp ? 2 : 1);  // the producer's arrive (plus the copies' bytes), the absmax warp's
       mbar_init(empty0 + 8 * i, kWarps);      // one arrive per consumer warp
     }
     for (int i = 0; i < 2; ++i) {
@@ -627,6 +636,65 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   if (threadIdx.x == 0) RING_TRACE(3, clock64());
 #endif
 
+  if constexpr (kAmaxWarp) {
+    if (warp == -1) {
+      // Absmax warp: for each stage, once its slot is free, the fp32 absmax of every (row, iteration, sub-block);
+      // lane L does row L / 2 and half L % 2 of the stage's iterations. Then it arrives on the stage's full barrier
+      // (release: the consumers' wait sees the stores). Loading the raw bits two stages ahead measured slower.
+      constexpr int kIts = kWarps / 2;
+      const int r = lane >> 1, h = lane & 1;
+      const uint32_t amax_base = smem_addr(amax_stages) + static_cast<uint32_t>(((r & 7) * 4 + 2 * (r >> 3)) * 4);
+      const int n_it = static_cast<int>(a.cols >> 7);
+      int tile = tile0, chunk = 0, slot = 0, phase = 0;
+      for (int s = 0; s < n_stages; ++s) {
+        if (s >= kStages) mbar_wait(empty0 + 8 * slot, phase ^ 1);
+        const uint32_t row_blk =
+            static_cast<uint32_t>(imin64(static_cast<int64_t>(tile) * 16 + r, a.rows - 1)) * row_blocks;
+        uint32_t w[kIts][2];  // nested: the code(s) in w[j][0]; plain: the fp32 bits of sub-blocks A, B
+        float n[kIts];        // nested absmax
+#pragma unroll
+        for (int j = 0; j < kIts; ++j) {  // every load first
+          const int it = min(chunk * kWarps + kIts * h + j, n_it - 1);
+          const uint32_t blk = row_blk + (static_cast<uint32_t>(it * 128) >> a.bs_shift);
+          if constexpr (kNested) {
+            w[j][0] = kBs64 ? __ldg(reinterpret_cast<const uint16_t*>(a.absmax_code + blk)) : __ldg(a.absmax_code + blk);
+            n[j] = __ldg(a.nested_absmax + (blk >> a.nbs_shift));
+          } else if constexpr (kBs64) {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(a.absmax + blk));
+            w[j][0] = v.x;
+            w[j][1] = v.y;
+          } else {
+            w[j][0] = w[j][1] = __float_as_uint(__ldg(a.absmax + blk));
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kIts; ++j) {
+          float v[2];
+#pragma unroll
+          for (int sub = 0; sub < 2; ++sub) {
+            if constexpr (kNested) {  // the same operations as the consumers' absmax_of
+              const uint32_t code = kBs64 ? ((w[j][0] >> (8 * sub)) & 0xFFu) : w[j][0];
+              v[sub] = __fadd_rn(__fmul_rn(__ldg(nested_map + code), n[j]), a.offset);
+            } else {
+              v[sub] = __uint_as_float(w[j][sub]);
+            }
+          }
+          const uint32_t dst = amax_base + slot * kAmaxStageBytes + (kIts * h + j) * 128;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(dst), "f"(v[0]), "f"(v[1]) : "memory");
+        }
+        warp_arrive_lane0(full0 + 8 * slot, lane);  // after the whole warp's stores (bar.warp.sync orders them)
+        if (++slot == kStages) {
+          slot = 0;
+          phase ^= 1;
+        }
+        if (++chunk == a.n_steps) {
+          chunk = 0;
+          ++tile;
+        }
+      }
+      return;
+    }
+  }
   if (warp < 0) {
     // Producer: a stage is the chunk's bytes of the tile's (up to) 16 rows.
     if (kMode == 2) return;
@@ -730,9 +798,11 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
       f_blk1 = row_block0(f_tile, g + 8);
     }
   };
+  if constexpr (!kAmaxWarp) {
 #pragma unroll
-  for (int i = 0; i < kPF; ++i)
-    if (i < n_stages) fetch_absmax(buf[i]);
+    for (int i = 0; i < kPF; ++i)
+      if (i < n_stages) fetch_absmax(buf[i]);
+  }
   sk_fill_shared<XT, kNested, 128, kWarps * 32>(warp * 32 + lane, smem, quant_map, nested_map, x, xs,
                                                 kXSmem ? static_cast<int>(m * a.cols / 8) : 0);
   named_barrier(1, kWarps * 32);  // the consumers' tables and x are ready (the producer is not waited for)
@@ -743,11 +813,14 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int tile = tile0, chunk = 0, parity = 0, reducer = 0, slot = 0, phase = 0;
   const uint32_t amax_row = amax0 + g * row_blocks;  // kTileAbsmax: row g's codes in slot 0
+  const uint32_t amax_stage0 = smem_addr(amax_stages);  // kAmaxWarp
   // One stage: fetch the absmax kPF stages ahead (`fetch`), wait for the stage, load this warp's codes, release
   // the stage, compute, and at a tile's last stage sum the warps' partial dot products.
   const auto stage = [&](SkRaw<kNested, kBs64>& cur, SkRaw<kNested, kBs64>& ahead, int s, bool fetch) {
     (void)s;  // the stage's index (trace builds)
-    if (fetch) fetch_absmax(ahead);
+    if constexpr (!kAmaxWarp) {
+      if (fetch) fetch_absmax(ahead);
+    }
     const int lt = tile - tile0;
     if constexpr (kTileAbsmax) {
       if (chunk == 0) mbar_wait(afull0 + 8 * (lt & 1), (lt >> 1) & 1);
@@ -777,10 +850,21 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kPerSM)
         cur.s[1][0] = kBs64 ? lds_u16(q + 8 * row_blocks) : lds_u8(q + 8 * row_blocks);
       }
     }
+    float4 am = make_float4(0.f, 0.f, 0.f, 0.f);  // kAmaxWarp: rows g, g + 8 x sub-blocks A, B
+    if constexpr (kAmaxWarp) {
+      const uint32_t q = amax_stage0 + slot * kAmaxStageBytes + (warp * 8 + g) * 16;
+      asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(am.x), "=f"(am.y), "=f"(am.z), "=f"(am.w) : "r"(q));
+    }
     // The codes are in registers: lane 0 releases the stage once the warp's loads are issued (one predicated
     // arrive in the same asm as the warp barrier, so no branch).
     if (kMode != 2) warp_arrive_lane0(empty0 + 8 * slot, lane);
-    if (active) W.compute(cur, iteration(chunk), acc);
+    if constexpr (kAmaxWarp) {
+      if (active)
+        W.compute_with(cur, iteration(chunk), [&](int row, int sub) { return row ? (sub ? am.w : am.z) : (sub ? am.y : am.x); },
+                       acc);
+    } else {
+      if (active) W.compute(cur, iteration(chunk), acc);
+    }
     if (++slot == kStages) {
       slot = 0;
       phase ^= 1;
@@ -847,6 +931,7 @@ struct SkVariant {
   bool row_copies = false;    // ring form: one bulk copy per row instead of one tensor copy per stage
   int per_sm = 1;             // ring form: blocks per SM
   bool tile_absmax = false;   // ring form: a tile's absmax codes come through shared memory (nested only)
+  bool amax_warp = false;     // ring form: an absmax warp computes each stage's fp32 absmax into shared memory
 };
 constexpr SkVariant kSkDefault{16, 4, 2, kNf4StreamK};
 
@@ -864,6 +949,7 @@ inline SkVariant parse_variant(const std::string& mode) {
       if (c == 'r') r.row_copies = true;
       else if (c == '2') r.per_sm = 2;
       else if (c == 'a') r.tile_absmax = true;
+      else if (c == 'w') r.amax_warp = true;
       else if (c == 'p' && i + 1 < opts.size()) r.pf = opts[++i] - '0';  // p<N>: absmax N stages ahead (tuning)
       else return kSkDefault;
     }
@@ -877,7 +963,7 @@ inline SkVariant parse_variant(const std::string& mode) {
 // up to 64 KB of slack to its 64 KB boundary), the nested map, the two group-reduction buffers (ring: and its
 // barriers and stages).
 inline int sk_variant_smem(const SkVariant& v) {
-  if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages);
+  if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages, v.amax_warp);
   return (v.form == kNf4Tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
 }
 // A ring block of a 2-per-SM variant gets at most this much (half of sm_90's 228 KB, less the 1 KB reserved per
@@ -933,6 +1019,14 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   // with kNested false.
   constexpr bool kA = kNested;
   const bool a = v.tile_absmax && kNested;
+  if (v.amax_warp) {  // ring16s6rw, ring8s6r2w
+    if (a || !v.row_copies || v.pf != kRingPF) return nullptr;
+    if (v.warps == 16 && v.stages == 6 && v.per_sm == 1)
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true, 1, false, true>;
+    if (v.warps == 8 && v.stages == 6 && v.per_sm == 2)
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2, false, true>;
+    return nullptr;
+  }
   if (v.pf != kRingPF) {  // ring16s6r[a]p3, the previous absmax prefetch distance (tuning); no other build takes p<N>
     if (v.pf != 3 || v.warps != 16 || v.stages != 6 || !v.row_copies || v.per_sm != 1) return nullptr;
     if (a) return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, 3, kXSmem, 0, true, 1, kA>;
@@ -1028,7 +1122,7 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.counters = counters;
   a.x_smem = plan.x_smem;
   const SkVariant v{plan.warps,      plan.group,  plan.pf,         plan.form,
-                    plan.stages,     plan.row_copies, plan.per_sm, plan.tile_absmax};
+                    plan.stages,     plan.row_copies, plan.per_sm, plan.tile_absmax, plan.amax_warp};
   const int smem = sk_variant_smem(v) + static_cast<int>(ring_absmax_slots_bytes(v, p.cols, p.blocksize)) +
                    (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
   cudaError_t e;
@@ -1040,7 +1134,7 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
     if ((e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem_max(v))) != cudaSuccess) return e;
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(static_cast<unsigned>(plan.blocks));
-    cfg.blockDim = dim3(static_cast<unsigned>((plan.warps + 1) * 32));
+    cfg.blockDim = dim3(static_cast<unsigned>((plan.warps + 1 + (plan.amax_warp ? 1 : 0)) * 32));
     cfg.dynamicSmemBytes = static_cast<size_t>(smem);
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
@@ -1182,6 +1276,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.row_copies = v.row_copies;
   plan.per_sm = v.per_sm;
   plan.tile_absmax = v.tile_absmax;
+  plan.amax_warp = v.amax_warp;
   // The ring form is launched with programmatic dependent launch unless LOWBITPACK_NF4_SK_PDL=0: its launch and
   // barrier set-up overlap the kernel before it (it touches no global memory before griddepcontrol.wait).
   // 14336x4096, 1 token: 16.1 against 17.0 us back to back (docs/KERNELS.md, session 6).
