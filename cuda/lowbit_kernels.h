@@ -101,7 +101,7 @@ struct Nf4GemvPlan {
   bool row_copies;  // ring form: one bulk copy per row instead of one tensor copy per stage
   int per_sm;       // ring form: blocks per SM
   bool tile_absmax; // ring form: a tile's absmax codes come through shared memory (nested absmax)
-  bool amax_warp;   // ring form: an absmax warp computes each stage's fp32 absmax (one more warp a block)
+  int amax_warps;   // ring form: absmax warps that compute each stage's fp32 absmax (helper warps a block)
   bool pdl;         // ring form: launched with programmatic dependent launch
   bool x_smem;  // x is staged in shared memory
   int64_t n_tiles;

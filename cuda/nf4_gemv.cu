@@ -562,8 +562,8 @@ __host__ __device__ constexpr int ring_head_bytes(int warps, int stages) {
 // kAmaxWarp: each stage's fp32 absmax, [iteration][g][row g sub-block A, B; row g + 8 A, B] (16 bytes an (iteration,
 // g): one conflict-free LDS.128 a lane), written by the absmax warp.
 __host__ __device__ constexpr int ring_amax_stage_bytes(int iterations) { return iterations * 8 * 16; }
-__host__ __device__ constexpr int ring_smem(int warps, int stages, bool amax_warp = false) {
-  return ring_head_bytes(warps, stages) + stages * (ring_stage_bytes(warps) + (amax_warp ? ring_amax_stage_bytes(warps) : 0));
+__host__ __device__ constexpr int ring_smem(int warps, int stages, int amax_warps = 0) {
+  return ring_head_bytes(warps, stages) + stages * (ring_stage_bytes(warps) + (amax_warps ? ring_amax_stage_bytes(warps) : 0));
 }
 // kTileAbsmax: a tile's absmax codes (16 rows x cols / blocksize bytes, contiguous) come in one bulk copy into
 // one of two slots when the producer starts the tile, instead of each consumer warp fetching its own from global
@@ -575,8 +575,8 @@ inline int64_t ring_tile_absmax_bytes(int64_t cols, int64_t blocksize) { return 
 // kAmaxWarp: a second helper warp (after the producer) computes each stage's fp32 absmax into shared memory (the
 // stage's full barrier then waits for its arrival too), so the consumers fetch and decode no absmax.
 template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kPF, bool kXSmem, int kMode = 0,
-          bool kRowCopies = false, int kPerSM = 1, bool kTileAbsmax = false, bool kAmaxWarp = false>
-__global__ void __launch_bounds__((kWarps + 1 + (kAmaxWarp ? 1 : 0)) * 32, kPerSM)
+          bool kRowCopies = false, int kPerSM = 1, bool kTileAbsmax = false, int kAmaxWarps = 0>
+__global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
     nf4_gemv_ring_kernel(const SkArgs<kNested, kBs64> a, const __grid_constant__ CUtensorMap codes_map,
                          const float* __restrict__ quant_map,
                          const float* __restrict__ nested_map, const XT* __restrict__ x, int m, XT* __restrict__ y) {
@@ -590,8 +590,9 @@ __global__ void __launch_bounds__((kWarps + 1 + (kAmaxWarp ? 1 : 0)) * 32, kPerS
   // The producer is the block's first warp (warp -1 here), the consumers warps 0 .. kWarps - 1: the warp schedulers
   // favour older warps, and the producer's copy loop is latency-bound, so issuing it first keeps the stages coming
   // (14336x4096, 1 token: 15.02-15.13 against 15.25-15.36 us as the last warp; docs/KERNELS.md, session 8).
-  static_assert(!(kTileAbsmax && kAmaxWarp), "one absmax source");
-  constexpr int kHelpers = kAmaxWarp ? 2 : 1;  // the producer, then the absmax warp
+  constexpr bool kAmaxWarp = kAmaxWarps > 0;
+  static_assert(!(kTileAbsmax && kAmaxWarp) && kAmaxWarps <= 2, "one absmax source");
+  constexpr int kHelpers = 1 + kAmaxWarps;  // the producer, then the absmax warps
   const int lane = threadIdx.x & 31, warp = static_cast<int>(threadIdx.x >> 5) - kHelpers, g = lane >> 2, t = lane & 3;
   float4* const red = reinterpret_cast<float4*>(smem + 256 * 128 + 256 * 4);  // [2][kWarps][32]
   uint8_t* const bars = reinterpret_cast<uint8_t*>(red + 2 * kWarps * 32);   // full[kStages], empty[kStages], ...
@@ -612,7 +613,7 @@ __global__ void __launch_bounds__((kWarps + 1 + (kAmaxWarp ? 1 : 0)) * 32, kPerS
   const int64_t row_bytes = a.cols >> 1;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(full0 + 8 * i, kAmaxWarp ? 2 : 1);  // the producer's arrive (plus the copies' bytes), the absmax warp's
+      mbar_init(full0 + 8 * i, 1 + kAmaxWarps);  // the producer's arrive (plus the copies' bytes), the absmax warps'
       mbar_init(empty0 + 8 * i, kWarps);      // one arrive per consumer warp
     }
     for (int i = 0; i < 2; ++i) {
@@ -637,12 +638,13 @@ __global__ void __launch_bounds__((kWarps + 1 + (kAmaxWarp ? 1 : 0)) * 32, kPerS
 #endif
 
   if constexpr (kAmaxWarp) {
-    if (warp == -1) {
+    if (warp < 0 && warp >= -kAmaxWarps) {
       // Absmax warp: for each stage, once its slot is free, the fp32 absmax of every (row, iteration, sub-block);
       // lane L does row L / 2 and half L % 2 of the stage's iterations. Then it arrives on the stage's full barrier
       // (release: the consumers' wait sees the stores). Loading the raw bits two stages ahead measured slower.
-      constexpr int kIts = kWarps / 2;
-      const int r = lane >> 1, h = lane & 1;
+      // With two absmax warps, each does 8 rows: lane L row L / 4, quarter L % 4 of the iterations.
+      constexpr int kRows = 16 / kAmaxWarps, kLanesPerRow = 32 / kRows, kIts = kWarps / kLanesPerRow;
+      const int r = (warp + kAmaxWarps) * kRows + lane / kLanesPerRow, h = lane % kLanesPerRow;
       const uint32_t amax_base = smem_addr(amax_stages) + static_cast<uint32_t>(((r & 7) * 4 + 2 * (r >> 3)) * 4);
       const int n_it = static_cast<int>(a.cols >> 7);
       int tile = tile0, chunk = 0, slot = 0, phase = 0;
@@ -931,7 +933,7 @@ struct SkVariant {
   bool row_copies = false;    // ring form: one bulk copy per row instead of one tensor copy per stage
   int per_sm = 1;             // ring form: blocks per SM
   bool tile_absmax = false;   // ring form: a tile's absmax codes come through shared memory (nested only)
-  bool amax_warp = false;     // ring form: an absmax warp computes each stage's fp32 absmax into shared memory
+  int amax_warps = 0;         // ring form: absmax warps that compute each stage's fp32 absmax into shared memory
 };
 constexpr SkVariant kSkDefault{16, 4, 2, kNf4StreamK};
 
@@ -949,7 +951,7 @@ inline SkVariant parse_variant(const std::string& mode) {
       if (c == 'r') r.row_copies = true;
       else if (c == '2') r.per_sm = 2;
       else if (c == 'a') r.tile_absmax = true;
-      else if (c == 'w') r.amax_warp = true;
+      else if (c == 'w') ++r.amax_warps;  // w: one absmax warp, ww: two
       else if (c == 'p' && i + 1 < opts.size()) r.pf = opts[++i] - '0';  // p<N>: absmax N stages ahead (tuning)
       else return kSkDefault;
     }
@@ -963,7 +965,7 @@ inline SkVariant parse_variant(const std::string& mode) {
 // up to 64 KB of slack to its 64 KB boundary), the nested map, the two group-reduction buffers (ring: and its
 // barriers and stages).
 inline int sk_variant_smem(const SkVariant& v) {
-  if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages, v.amax_warp);
+  if (v.form == kNf4Ring) return ring_smem(v.warps, v.stages, v.amax_warps);
   return (v.form == kNf4Tile ? 256 * 128 : 2 * 256 * 256) + 256 * 4 + 2 * v.warps * 32 * 16;
 }
 // A ring block of a 2-per-SM variant gets at most this much (half of sm_90's 228 KB, less the 1 KB reserved per
@@ -1019,12 +1021,17 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   // with kNested false.
   constexpr bool kA = kNested;
   const bool a = v.tile_absmax && kNested;
-  if (v.amax_warp) {  // ring16s6rw, ring8s6r2w
+  if (v.amax_warps == 2) {  // ring16s6rww
     if (a || !v.row_copies || v.pf != kRingPF) return nullptr;
     if (v.warps == 16 && v.stages == 6 && v.per_sm == 1)
-      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true, 1, false, true>;
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true, 1, false, 2>;
+    return nullptr;
+  }
+  if (v.amax_warps == 1) {  // ring8s6r2w (ring16s6rw, one absmax warp for 16 consumers, measured 15.6-15.9 us at
+    // 14336x4096 against 15.0 without: that warp could not keep up; docs/KERNELS.md, session 9)
+    if (a || !v.row_copies || v.pf != kRingPF) return nullptr;
     if (v.warps == 8 && v.stages == 6 && v.per_sm == 2)
-      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2, false, true>;
+      return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2, false, 1>;
     return nullptr;
   }
   if (v.pf != kRingPF) {  // ring16s6r[a]p3, the previous absmax prefetch distance (tuning); no other build takes p<N>
@@ -1122,7 +1129,7 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
   a.counters = counters;
   a.x_smem = plan.x_smem;
   const SkVariant v{plan.warps,      plan.group,  plan.pf,         plan.form,
-                    plan.stages,     plan.row_copies, plan.per_sm, plan.tile_absmax, plan.amax_warp};
+                    plan.stages,     plan.row_copies, plan.per_sm, plan.tile_absmax, plan.amax_warps};
   const int smem = sk_variant_smem(v) + static_cast<int>(ring_absmax_slots_bytes(v, p.cols, p.blocksize)) +
                    (plan.x_smem ? static_cast<int>(m * p.cols * 2) : 0);
   cudaError_t e;
@@ -1134,7 +1141,7 @@ cudaError_t run_sk(const Nf4Params& p, const Nf4GemvPlan& plan, const void* x, i
     if ((e = allow_smem(reinterpret_cast<const void*>(kern), sk_variant_smem_max(v))) != cudaSuccess) return e;
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(static_cast<unsigned>(plan.blocks));
-    cfg.blockDim = dim3(static_cast<unsigned>((plan.warps + 1 + (plan.amax_warp ? 1 : 0)) * 32));
+    cfg.blockDim = dim3(static_cast<unsigned>((plan.warps + 1 + plan.amax_warps) * 32));
     cfg.dynamicSmemBytes = static_cast<size_t>(smem);
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
@@ -1233,8 +1240,15 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
   const bool x_off = xs && xs[0] == '0';
   const bool slots = m >= 2 && m * p.cols * 2 > 16 * 1024;
-  const SkVariant ring16 = ring_adapt(SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
-  const SkVariant ring8x2 = ring_adapt(SkVariant{8, 8, kRingPF, kNf4Ring, 6, true, 2});
+  // Absmax warps (docs/KERNELS.md, session 9): two helper warps compute each stage's fp32 absmax (ring16s6rww) for rows
+  // of at most 8192 columns and for weights of >= 2^28 elements: 1 token 14336x4096 14.5 against 15.0 us, 8192x8192
+  // 16.2 against 16.6, 28672x8192 49.3 against 52.0, 32768x16384 109 against 114; 8 tokens 14336x4096 17.4 against
+  // 18.2 (slots). Not at 4096x14336: 16.1 against 14.4 (1 token), 18.1 against 17.7 (8). One absmax warp for the
+  // 2-per-SM form (ring8s6r2w): 4096x4096 5.2 against 5.8 us.
+  const bool ww = p.cols <= 8192 || numel >= (int64_t(1) << 28);
+  const SkVariant ring16 = ring_adapt(ww ? SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, false, 2}
+                                         : SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
+  const SkVariant ring8x2 = ring_adapt(SkVariant{8, 8, kRingPF, kNf4Ring, 6, true, 2, false, 1});
   const SkVariant tile8{8, 8, 2, kNf4Tile};
   SkVariant v = ring_adapt(parse_variant(mode));
   if (mode.empty()) {
@@ -1276,7 +1290,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   plan.row_copies = v.row_copies;
   plan.per_sm = v.per_sm;
   plan.tile_absmax = v.tile_absmax;
-  plan.amax_warp = v.amax_warp;
+  plan.amax_warps = v.amax_warps;
   // The ring form is launched with programmatic dependent launch unless LOWBITPACK_NF4_SK_PDL=0: its launch and
   // barrier set-up overlap the kernel before it (it touches no global memory before griddepcontrol.wait).
   // 14336x4096, 1 token: 16.1 against 17.0 us back to back (docs/KERNELS.md, session 6).

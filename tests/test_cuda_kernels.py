@@ -271,7 +271,7 @@ NF4_SK_SHAPES = [(300, 4096), (17, 14336), (40000, 128), (5000, 256), (1001, 102
 
 @pytest.mark.parametrize("variant", ["on", "w24g4pf1", "w16g1pf2", "w16g2pf2", "w8g4pf2", "tile4", "tile8",
                                      "ring8s8", "ring16s6", "ring16s6r", "ring16s8r", "ring8s6r2", "ring16s6ra",
-                                     "ring8s6r2a"])
+                                     "ring8s6r2a", "ring16s6rww", "ring8s6r2w"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -297,7 +297,7 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             expect = "stream-k"
             if variant.startswith("ring"):  # tensor copies and mbarrier transaction counts: sm_90+; the copy's
                 # box (16 rows x 64 bytes a warp iteration + 32) must fit in the weight
-                warps, _ = re.fullmatch(r"ring(\d+)s(\d+)r?2?a?", variant).groups()
+                warps, _ = re.fullmatch(r"ring(\d+)s(\d+)r?2?a?w*", variant).groups()
                 fits = rows >= 16 and cols // 2 >= 64 * int(warps) + 32
                 expect = "pair-ring" if torch.cuda.get_device_capability()[0] >= 9 and fits else "generic"
             elif variant.startswith("tile"):  # one block per tile: its warps must split the tile's iterations
@@ -310,12 +310,14 @@ def test_nf4_gemv_stream_k(ext, xdtype, blocksize, double_quant, variant, monkey
             assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), "not deterministic"
 
 
-@pytest.mark.parametrize("pair", [("ring16s6r", "ring16s6ra"), ("ring8s6r2", "ring8s6r2a"), ("ring16s6r", "ring16s8r")])
+@pytest.mark.parametrize("pair", [("ring16s6r", "ring16s6ra"), ("ring8s6r2", "ring8s6r2a"), ("ring16s6r", "ring16s8r"),
+                                  ("ring16s6r", "ring16s6rww"), ("ring8s6r2", "ring8s6r2w")])
 def test_nf4_gemv_ring_absmax_slots_and_pdl_same_bits(ext, pair, monkeypatch):
-    """The ring form's tile-absmax slots (`a`: a tile's absmax codes come through shared memory), its stage count
-    and its programmatic dependent launch (LOWBITPACK_NF4_SK_PDL=0 turns it off) change where bytes come from and
-    when the kernel starts, never the sums: all four give the same bits. Rows not a multiple of 16 fall back to
-    per-warp absmax fetches."""
+    """The ring form's tile-absmax slots (`a`: a tile's absmax codes come through shared memory), its absmax warps
+    (`w`, `ww`: helper warps compute each stage's fp32 absmax into shared memory), its stage count and its
+    programmatic dependent launch (LOWBITPACK_NF4_SK_PDL=0 turns it off) change where bytes come from and when the
+    kernel starts, never the sums: all four give the same bits. Rows not a multiple of 16 fall back to per-warp
+    absmax fetches (`a`) or clamp their rows (`w`)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the ring form needs sm_90")
     for i, (rows, cols) in enumerate([(4096, 4096), (320, 16384), (1001, 4096), (48, 2048 + 128)]):
@@ -383,7 +385,7 @@ def test_nf4_gemv_pdl_waits_for_the_kernel_before(ext, monkeypatch):
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
     """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan) for weights of >= 2^24 elements: on sm_90 the ring
-    form (ring8s6r2 below 2^25 elements, ring16s6r above); before sm_90 one block per tile when the tiles fit
+    form (ring8s6r2w below 2^25 elements, ring16s6rww or ring16s6r above); before sm_90 one block per tile when the tiles fit
     in two per SM, stream-K for m >= 4 on >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes
     the factored kernels do not cover (cols % 128, blocksize 32), smaller weights and LOWBITPACK_NF4_SK=off
     take the generic kernel."""
