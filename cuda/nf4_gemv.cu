@@ -559,8 +559,8 @@ __host__ __device__ constexpr int ring_bars_bytes(int stages) { return (16 * sta
 __host__ __device__ constexpr int ring_head_bytes(int warps, int stages) {
   return 256 * 128 + 256 * 4 + 2 * warps * 32 * 16 + ring_bars_bytes(stages);
 }
-// kAmaxWarp: each stage's fp32 absmax, [iteration][g][row g sub-block A, B; row g + 8 A, B] (16 bytes an (iteration,
-// g): one conflict-free LDS.128 a lane), written by the absmax warp.
+// With absmax warps, each stage's fp32 absmax, [iteration][g][row g sub-block A, B; row g + 8 A, B] (16 bytes an
+// (iteration, g): one conflict-free LDS.128 a lane), written by the absmax warps.
 __host__ __device__ constexpr int ring_amax_stage_bytes(int iterations) { return iterations * 8 * 16; }
 __host__ __device__ constexpr int ring_smem(int warps, int stages, int amax_warps = 0) {
   return ring_head_bytes(warps, stages) + stages * (ring_stage_bytes(warps) + (amax_warps ? ring_amax_stage_bytes(warps) : 0));
@@ -572,8 +572,8 @@ inline int64_t ring_tile_absmax_bytes(int64_t cols, int64_t blocksize) { return 
 
 // kMode (tuning experiments only, LOWBITPACK_NF4_SK_MODE with ring16s6 or ring16s6r): 0 = the kernel; 1 = no decode (the
 // pipeline alone: copies, waits, code reads); 2 = no copies and no waits (the consumers' decode and mma alone).
-// kAmaxWarp: a second helper warp (after the producer) computes each stage's fp32 absmax into shared memory (the
-// stage's full barrier then waits for its arrival too), so the consumers fetch and decode no absmax.
+// kAmaxWarps: one or two helper warps after the producer compute each stage's fp32 absmax into shared memory (the
+// stage's full barrier then waits for their arrivals too), so the consumers fetch and decode no absmax.
 template <typename XT, bool kNested, bool kBs64, int kWarps, int kStages, int kPF, bool kXSmem, int kMode = 0,
           bool kRowCopies = false, int kPerSM = 1, bool kTileAbsmax = false, int kAmaxWarps = 0>
 __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
@@ -587,8 +587,8 @@ __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
   constexpr int kRowBytes = 64 * kWarps, kRowStride = kRowBytes + kRingRowPad;
   constexpr int kStageBytes = ring_stage_bytes(kWarps);
   extern __shared__ __align__(16) uint8_t smem[];
-  // The producer is the block's first warp (warp -1 here), the consumers warps 0 .. kWarps - 1: the warp schedulers
-  // favour older warps, and the producer's copy loop is latency-bound, so issuing it first keeps the stages coming
+  // The producer is the block's first warp (warp -kHelpers here), then the absmax warps (-kAmaxWarps .. -1), the
+  // consumers warps 0 .. kWarps - 1: the warp schedulers favour older warps, and the producer's copy loop is latency-bound, so issuing it first keeps the stages coming
   // (14336x4096, 1 token: 15.02-15.13 against 15.25-15.36 us as the last warp; docs/KERNELS.md, session 8).
   constexpr bool kAmaxWarp = kAmaxWarps > 0;
   static_assert(!(kTileAbsmax && kAmaxWarp) && kAmaxWarps <= 2, "one absmax source");
@@ -639,10 +639,10 @@ __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
 
   if constexpr (kAmaxWarp) {
     if (warp < 0 && warp >= -kAmaxWarps) {
-      // Absmax warp: for each stage, once its slot is free, the fp32 absmax of every (row, iteration, sub-block);
-      // lane L does row L / 2 and half L % 2 of the stage's iterations. Then it arrives on the stage's full barrier
-      // (release: the consumers' wait sees the stores). Loading the raw bits two stages ahead measured slower.
-      // With two absmax warps, each does 8 rows: lane L row L / 4, quarter L % 4 of the iterations.
+      // Absmax warps: for each stage, once its slot is free, the fp32 absmax of every (row, iteration, sub-block).
+      // One warp: lane L does row L / 2 and half L % 2 of the stage's iterations; two: each does 8 rows, lane L row
+      // L / 4 and quarter L % 4. Then each arrives on the stage's full barrier (release: the consumers' wait sees
+      // the stores). Loading the raw bits two stages ahead measured slower.
       constexpr int kRows = 16 / kAmaxWarps, kLanesPerRow = 32 / kRows, kIts = kWarps / kLanesPerRow;
       const int r = (warp + kAmaxWarps) * kRows + lane / kLanesPerRow, h = lane % kLanesPerRow;
       const uint32_t amax_base = smem_addr(amax_stages) + static_cast<uint32_t>(((r & 7) * 4 + 2 * (r >> 3)) * 4);
