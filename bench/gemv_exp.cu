@@ -88,7 +88,11 @@ int main(int argc, char** argv) {
   }
   const int64_t numel = rows * cols, n_blocks = numel / 64, n_nested = (n_blocks + 255) / 256;
   const size_t per_copy = numel / 2 + n_blocks + n_nested * 4;
-  const int copies = static_cast<int>(std::max<int64_t>(2, (400LL << 20) / per_copy + 1));
+  // GEMV_EXP_COPIES and GEMV_EXP_INNER override the weight copies (default: over 400 MB) and the calls a graph replays
+  // (default 40); bench/kernels.py uses 4 x L2 / size copies and 20 calls.
+  const char* copies_env = std::getenv("GEMV_EXP_COPIES");
+  const int copies = copies_env ? std::max(1, atoi(copies_env))
+                                : static_cast<int>(std::max<int64_t>(2, (400LL << 20) / per_copy + 1));
   std::vector<uint8_t*> packed(copies), code(copies);
   std::vector<float*> nabs(copies);
   for (int c = 0; c < copies; ++c) {
@@ -116,7 +120,39 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&y, 2 * m * rows));
   double* yref;
   CK(cudaMalloc(&yref, 8 * m * rows));
-  const float offset = 0.02f;
+  float offset = 0.02f;
+  // GEMV_EXP_DATA=DIR: the weight bench/gemv_exp_data.py wrote (standard normals quantized like bitsandbytes, as
+  // bench/kernels.py times) in every copy instead of random codes.
+  if (const char* dir = std::getenv("GEMV_EXP_DATA")) {
+    const auto load = [&](const char* name, void* dst, size_t bytes) {
+      const std::string path = std::string(dir) + "/" + name;
+      FILE* f = std::fopen(path.c_str(), "rb");
+      std::vector<uint8_t> h(bytes);
+      if (!f || std::fread(h.data(), 1, bytes, f) != bytes) {
+        std::fprintf(stderr, "%s: missing or shorter than %zu bytes (bench/gemv_exp_data.py %lld %lld %s)\n", path.c_str(),
+                     bytes, (long long)rows, (long long)cols, dir);
+        std::exit(1);
+      }
+      std::fclose(f);
+      CK(cudaMemcpy(dst, h.data(), bytes, cudaMemcpyHostToDevice));
+    };
+    for (int c = 0; c < copies; ++c) {
+      load("packed.bin", packed[c], numel / 2);
+      load("code.bin", code[c], n_blocks);
+      load("nabs.bin", nabs[c], n_nested * 4);
+    }
+    load("qm.bin", qm, 64);
+    load("nmap.bin", nmap, 1024);
+    FILE* f = std::fopen((std::string(dir) + "/offset.txt").c_str(), "r");
+    double o = 0;
+    if (!f || std::fscanf(f, "%lf", &o) != 1) {
+      std::fprintf(stderr, "%s/offset.txt: unreadable\n", dir);
+      std::exit(1);
+    }
+    std::fclose(f);
+    offset = static_cast<float>(o);
+    printf("data from %s (offset %.6f)\n", dir, offset);
+  }
   reference<<<rows, 256>>>(packed[0], qm, code[0], nmap, nabs[0], offset, x, m, rows, cols, yref);
   CK(cudaDeviceSynchronize());
   std::vector<double> ref(m * rows);
@@ -182,7 +218,8 @@ int main(int argc, char** argv) {
     if (vi == 0) first = out;
     const bool same = out == first;
     // Graph of `inner` back-to-back calls over the rotating copies.
-    const int inner = 40;
+    const char* inner_env = std::getenv("GEMV_EXP_INNER");
+    const int inner = inner_env ? std::max(1, atoi(inner_env)) : 40;
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));

@@ -6,8 +6,14 @@
 # went (per-block clocks; cuda/nf4_gemv.cu LOWBIT_RING_TRACE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# GEMV_EXP_ARCH (default sm_90a) picks the target, e.g. sm_90 as the torch extension builds it (its own build folder).
+arch=${GEMV_EXP_ARCH:-sm_90a}
 out=build/gemv_exp
-NVCC="nvcc -O3 -arch=sm_90a -std=c++17"
+[ "$arch" = sm_90a ] || out=build/gemv_exp_$arch
+# GEMV_EXP_FLAGS adds nvcc flags, e.g. the torch extension's (-lineinfo -D__CUDA_NO_HALF_OPERATORS__ ...), into
+# build/gemv_exp_flags.
+[ -z "${GEMV_EXP_FLAGS:-}" ] || out=build/gemv_exp_flags
+NVCC="nvcc -O3 -arch=$arch -std=c++17 ${GEMV_EXP_FLAGS:-}"
 if [ "${1:-}" = trace ]; then  # per-block clocks of each ring launch, printed after its timing (slower)
   out=build/gemv_trace
   NVCC="$NVCC -DLOWBIT_RING_TRACE"

@@ -647,6 +647,12 @@ __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
       const int r = (warp + kAmaxWarps) * kRows + lane / kLanesPerRow, h = lane % kLanesPerRow;
       const uint32_t amax_base = smem_addr(amax_stages) + static_cast<uint32_t>(((r & 7) * 4 + 2 * (r >> 3)) * 4);
       const int n_it = static_cast<int>(a.cols >> 7);
+      // The nested map is read from the consumers' shared-memory copy (filled before named barrier 1, which the
+      // absmax warps join after issuing their first stage's loads). Through L1 from global memory, each of its
+      // lines a block first touches mid-run cost an L2 round trip on the stage's path: with bitsandbytes-quantized
+      // weights, whose codes fill the map's lines gradually, 15.1 against 14.5 us for random codes (14336x4096).
+      const uint32_t nmap_s = smem_addr(smem) + 256 * 128;
+      if (n_stages == 0) named_barrier(1, (kWarps + kAmaxWarps) * 32);
       int tile = tile0, chunk = 0, slot = 0, phase = 0;
       for (int s = 0; s < n_stages; ++s) {
         if (s >= kStages) mbar_wait(empty0 + 8 * slot, phase ^ 1);
@@ -669,6 +675,7 @@ __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
             w[j][0] = w[j][1] = __float_as_uint(__ldg(a.absmax + blk));
           }
         }
+        if (s == 0) named_barrier(1, (kWarps + kAmaxWarps) * 32);
 #pragma unroll
         for (int j = 0; j < kIts; ++j) {
           float v[2];
@@ -676,7 +683,7 @@ __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
           for (int sub = 0; sub < 2; ++sub) {
             if constexpr (kNested) {  // the same operations as the consumers' absmax_of
               const uint32_t code = kBs64 ? ((w[j][0] >> (8 * sub)) & 0xFFu) : w[j][0];
-              v[sub] = __fadd_rn(__fmul_rn(__ldg(nested_map + code), n[j]), a.offset);
+              v[sub] = __fadd_rn(__fmul_rn(lds_f32(nmap_s + 4 * code), n[j]), a.offset);
             } else {
               v[sub] = __uint_as_float(w[j][sub]);
             }
@@ -807,7 +814,8 @@ __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
   }
   sk_fill_shared<XT, kNested, 128, kWarps * 32>(warp * 32 + lane, smem, quant_map, nested_map, x, xs,
                                                 kXSmem ? static_cast<int>(m * a.cols / 8) : 0);
-  named_barrier(1, kWarps * 32);  // the consumers' tables and x are ready (the producer is not waited for)
+  // The consumers' tables and x are ready (the producer is not waited for; the absmax warps wait for the nested map).
+  named_barrier(1, (kWarps + kAmaxWarps) * 32);
 #ifdef LOWBIT_RING_TRACE
   if (warp == 0 && lane == 0) { RING_TRACE(4, clock64()); RING_TRACE(6, static_cast<unsigned long long>(n_stages)); }
 #endif
@@ -1240,12 +1248,15 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   const char* xs = std::getenv("LOWBITPACK_NF4_SK_XSMEM");  // tuning: 0 keeps x in global memory
   const bool x_off = xs && xs[0] == '0';
   const bool slots = m >= 2 && m * p.cols * 2 > 16 * 1024;
-  // Absmax warps (docs/KERNELS.md, session 9): two helper warps compute each stage's fp32 absmax (ring16s6rww) for rows
-  // of at most 8192 columns and for weights of >= 2^28 elements: 1 token 14336x4096 14.5 against 15.0 us, 8192x8192
-  // 16.2 against 16.6, 28672x8192 49.3 against 52.0, 32768x16384 109 against 114; 8 tokens 14336x4096 17.4 against
-  // 18.2 (slots). Not at 4096x14336: 16.1 against 14.4 (1 token), 18.1 against 17.7 (8). One absmax warp for the
-  // 2-per-SM form (ring8s6r2w): 4096x4096 5.2 against 5.8 us.
+  // Absmax warps (docs/KERNELS.md, session 9; harness on bitsandbytes-quantized normal weights): one for the 2-per-SM
+  // form (ring8s6r2w), the default below 2^25 elements and, at 1 token, wherever whole tiles split evenly over two
+  // blocks per SM (within 5%): 4096x4096 5.2 against 5.8 us (ring8s6r2), 8192x8192 15.3 against 16.7 (ring16s6r),
+  // 32768x16384 107.2 against 113.5. Else two for the 16-warp form (ring16s6rww) for rows of at most 8192 columns
+  // and weights of >= 2^28 elements: 1 token 14336x4096 (896 tiles: 3 or 4 a block of 264) 14.5 against 15.0 us;
+  // 8 tokens 14336x4096 17.2 against 18.3 (slots), 8192x8192 19.6 against 21.1, 32768x16384 130 against 137.
   const bool ww = p.cols <= 8192 || numel >= (int64_t(1) << 28);
+  const int64_t blocks2 = imin64(2 * static_cast<int64_t>(sms), n_tiles);
+  const bool even2 = (n_tiles + blocks2 - 1) / blocks2 * blocks2 * 100 <= n_tiles * 105;
   const SkVariant ring16 = ring_adapt(ww ? SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, false, 2}
                                          : SkVariant{16, 16, kRingPF, kNf4Ring, 6, true, 1, slots});
   const SkVariant ring8x2 = ring_adapt(SkVariant{8, 8, kRingPF, kNf4Ring, 6, true, 2, false, 1});
@@ -1253,7 +1264,7 @@ Nf4GemvPlan nf4_gemv_plan(const Nf4Params& p, int64_t m, int x_dtype, const void
   SkVariant v = ring_adapt(parse_variant(mode));
   if (mode.empty()) {
     const bool big = numel >= (int64_t(1) << 24), few = n_tiles <= 2 * sms;
-    if (big && numel < (int64_t(1) << 25) && ring_fits(ring8x2))
+    if (big && (numel < (int64_t(1) << 25) || (m == 1 && even2)) && ring_fits(ring8x2))
       v = ring8x2;
     else if (big && ring_fits(ring16))
       v = ring16;

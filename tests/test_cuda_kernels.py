@@ -385,7 +385,8 @@ def test_nf4_gemv_pdl_waits_for_the_kernel_before(ext, monkeypatch):
 
 def test_nf4_gemv_stream_k_policy_and_fallbacks(ext, monkeypatch):
     """The default policy (cuda/nf4_gemv.cu nf4_gemv_plan) for weights of >= 2^24 elements: on sm_90 the ring
-    form (ring8s6r2w below 2^25 elements, ring16s6rww or ring16s6r above); before sm_90 one block per tile when the tiles fit
+    form (ring8s6r2w below 2^25 elements and at 1 token where tiles split evenly over two blocks per SM, else
+    ring16s6rww or ring16s6r); before sm_90 one block per tile when the tiles fit
     in two per SM, stream-K for m >= 4 on >= 2^25 elements and any m on >= 2^28, else the generic core. Shapes
     the factored kernels do not cover (cols % 128, blocksize 32), smaller weights and LOWBITPACK_NF4_SK=off
     take the generic kernel."""
