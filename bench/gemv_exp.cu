@@ -8,7 +8,9 @@
 // kernels multiply by (r(quant_map[q]) in bf16, times the fp32 absmax) and bit for bit against the first variant, then
 // times a CUDA graph of back-to-back calls over rotating copies of the weight (L2 holds none of them): the same method
 // as bench/kernels.py. Weights are random NF4 codes with double-quantized absmax (blocksize 64, nested blocksize 256),
-// x is bf16.
+// or with GEMV_EXP_DATA=DIR the bitsandbytes-quantized normals bench/gemv_exp_data.py wrote there (what
+// bench/kernels.py times; random codes flattered a kernel once: docs/KERNELS.md, session 9). x is bf16.
+// GEMV_EXP_INNER / GEMV_EXP_COPIES override the calls per graph (40) and the weight copies (over 400 MB).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
