@@ -89,6 +89,12 @@ __device__ __forceinline__ uint4 ldg_stream16(const void* p) {
 // __byte_perm: result byte i = byte sel.nibble[i] of the 8-byte {hi:lo} (0-3: lo, 4-7: hi). One PRMT.
 __device__ __forceinline__ uint32_t prmt(uint32_t lo, uint32_t hi, uint32_t sel) { return __byte_perm(lo, hi, sel); }
 
+// bitsandbytes' double-quantized absmax: the code's nested-map value times its block's nested absmax, plus the
+// offset, in fp32 with this rounding order (the bits every NF4 kernel and the torch reference share).
+__device__ __forceinline__ float double_quant_absmax(float map_value, float nested, float offset) {
+  return __fadd_rn(__fmul_rn(map_value, nested), offset);
+}
+
 // fp32 load from a 32-bit shared-memory address (the address is built with one PRMT by the decoders).
 // volatile: keeps it after the __syncthreads that publishes the table.
 __device__ __forceinline__ float lds_f32(uint32_t addr) {

@@ -12,7 +12,7 @@ namespace {
 __device__ __forceinline__ float block_absmax(const Nf4Params& p, int64_t b) {
   if (p.absmax) return __ldg(p.absmax + b);
   const float code = __ldg(p.nested_map + __ldg(p.absmax_code + b));
-  return __fadd_rn(__fmul_rn(code, __ldg(p.nested_absmax + b / p.nested_blocksize)), p.offset);
+  return double_quant_absmax(code, __ldg(p.nested_absmax + b / p.nested_blocksize), p.offset);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(256) nf4_dequant_kernel(const Nf4Params p, Out
   for (int u = 0; u < kSub; ++u) {
     const int64_t sc = base + static_cast<int64_t>(u) * blockDim.x;
     if (sc >= n_chunks) break;
-    const float am = p.absmax ? scale[u] : __fadd_rn(__fmul_rn(lut[16 + code[u]], scale[u]), p.offset);
+    const float am = p.absmax ? scale[u] : double_quant_absmax(lut[16 + code[u]], scale[u], p.offset);
     float v[8];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -114,7 +114,7 @@ struct Nf4Decoder {
   __device__ __forceinline__ State state(const Raw& r, int64_t, int, int64_t, const float* smem) const {
     const uint32_t lut = smem_addr(smem);
     if (p.absmax) return State{r.scale, lut};
-    return State{__fadd_rn(__fmul_rn(smem[16 + r.code], r.scale), p.offset), lut};
+    return State{double_quant_absmax(smem[16 + r.code], r.scale, p.offset), lut};
   }
 
   // Codes 8i .. 8i+7 of the chunk = bytes 4i .. 4i+3; even element in the high nibble. Per code: one PRMT

@@ -189,7 +189,7 @@ struct SkWarp {
   __device__ __forceinline__ float absmax_of(const SkRaw<kNested, kBs64>& r, int slot, int sub) const {
     if constexpr (kNested) {
       const uint32_t code = kBs64 ? ((r.s[slot][0] >> (8 * sub)) & 0xFFu) : r.s[slot][0];
-      return __fadd_rn(__fmul_rn(lds_f32(nmap + 4 * code), r.n[slot]), a.offset);
+      return double_quant_absmax(lds_f32(nmap + 4 * code), r.n[slot], a.offset);
     } else {
       return __uint_as_float(r.s[slot][kBs64 ? sub : 0]);
     }
@@ -683,7 +683,7 @@ __global__ void __launch_bounds__((kWarps + 1 + kAmaxWarps) * 32, kPerSM)
           for (int sub = 0; sub < 2; ++sub) {
             if constexpr (kNested) {  // the same operations as the consumers' absmax_of
               const uint32_t code = kBs64 ? ((w[j][0] >> (8 * sub)) & 0xFFu) : w[j][0];
-              v[sub] = __fadd_rn(__fmul_rn(lds_f32(nmap_s + 4 * code), n[j]), a.offset);
+              v[sub] = double_quant_absmax(lds_f32(nmap_s + 4 * code), n[j], a.offset);
             } else {
               v[sub] = __uint_as_float(w[j][sub]);
             }
@@ -1029,16 +1029,12 @@ RingKernel<XT, kNested, kBs64> ring_kernel_for(const SkVariant& v) {
   // with kNested false.
   constexpr bool kA = kNested;
   const bool a = v.tile_absmax && kNested;
-  if (v.amax_warps == 2) {  // ring16s6rww
-    if (a || !v.row_copies || v.pf != kRingPF) return nullptr;
-    if (v.warps == 16 && v.stages == 6 && v.per_sm == 1)
+  if (v.amax_warps) {  // ring16s6rww and ring8s6r2w only (ring16s6rw, one absmax warp for 16 consumers, measured
+    // 15.6-15.9 us at 14336x4096 against 15.0 without: that warp could not keep up; docs/KERNELS.md, session 9)
+    if (a || !v.row_copies || v.pf != kRingPF || v.stages != 6) return nullptr;
+    if (v.amax_warps == 2 && v.warps == 16 && v.per_sm == 1)
       return nf4_gemv_ring_kernel<XT, kNested, kBs64, 16, 6, kRingPF, kXSmem, 0, true, 1, false, 2>;
-    return nullptr;
-  }
-  if (v.amax_warps == 1) {  // ring8s6r2w (ring16s6rw, one absmax warp for 16 consumers, measured 15.6-15.9 us at
-    // 14336x4096 against 15.0 without: that warp could not keep up; docs/KERNELS.md, session 9)
-    if (a || !v.row_copies || v.pf != kRingPF) return nullptr;
-    if (v.warps == 8 && v.stages == 6 && v.per_sm == 2)
+    if (v.amax_warps == 1 && v.warps == 8 && v.per_sm == 2)
       return nf4_gemv_ring_kernel<XT, kNested, kBs64, 8, 6, kRingPF, kXSmem, 0, true, 2, false, 1>;
     return nullptr;
   }
