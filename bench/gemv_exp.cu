@@ -138,10 +138,13 @@ int main(int argc, char** argv) {
       std::fclose(f);
       CK(cudaMemcpy(dst, h.data(), bytes, cudaMemcpyHostToDevice));
     };
-    for (int c = 0; c < copies; ++c) {
-      load("packed.bin", packed[c], numel / 2);
-      load("code.bin", code[c], n_blocks);
-      load("nabs.bin", nabs[c], n_nested * 4);
+    load("packed.bin", packed[0], numel / 2);
+    load("code.bin", code[0], n_blocks);
+    load("nabs.bin", nabs[0], n_nested * 4);
+    for (int c = 1; c < copies; ++c) {  // the other copies from the first, on the device
+      CK(cudaMemcpy(packed[c], packed[0], numel / 2, cudaMemcpyDeviceToDevice));
+      CK(cudaMemcpy(code[c], code[0], n_blocks, cudaMemcpyDeviceToDevice));
+      CK(cudaMemcpy(nabs[c], nabs[0], n_nested * 4, cudaMemcpyDeviceToDevice));
     }
     load("qm.bin", qm, 64);
     load("nmap.bin", nmap, 1024);
